@@ -1,0 +1,86 @@
+"""Attack base class, registry and exact, seeded poison selection."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from tasks.base import Registry
+
+MODES = ("all-to-one", "all-to-all")
+
+
+@dataclass
+class Attack:
+    """A poisoning attack. Subclasses add trigger parameters as dataclass fields.
+
+    ``target``: target label of all-to-one attacks (0, as in NFT's and BackdoorBench's configs).
+    ``mode``: ``all-to-one`` or ``all-to-all`` (label y -> (y + 1) mod C).
+    ``poison_rate``: share of the attacker's training set that is poisoned (exact count, rounded).
+    ``seed``: seeds the poison selection and any generated pattern.
+    """
+
+    target: int = 0
+    mode: str = "all-to-one"
+    poison_rate: float = 0.1
+    seed: int = 0
+
+    name: ClassVar[str] = ""
+    modality: ClassVar[str] = ""
+    paper: ClassVar[str] = ""
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"attack mode must be one of {MODES}, got {self.mode!r}")
+        if not 0 <= self.poison_rate <= 1:
+            raise ValueError(f"poison_rate must be in [0, 1], got {self.poison_rate}")
+        if self.target < 0:
+            raise ValueError(f"target label must be >= 0, got {self.target}")
+
+    def config(self) -> dict[str, Any]:
+        return {"name": self.name, **asdict(self)}
+
+    def poison_label(self, y: Tensor, num_classes: int) -> Tensor:
+        """The label the attacker wants for triggered inputs of true label ``y``."""
+        if self.mode == "all-to-one":
+            return torch.full_like(y, self.target)
+        return (y + 1) % num_classes
+
+    def counts_for_asr(self, y: Tensor) -> Tensor:
+        """Test samples that count for ASR/RA (all-to-one: those whose true label is not the target)."""
+        if self.mode == "all-to-one":
+            return y != self.target
+        return torch.ones_like(y, dtype=torch.bool)
+
+
+def select_poison_indices(labels: Tensor, attack: Attack, generator: torch.Generator) -> Tensor:
+    """Exactly ``round(poison_rate * N)`` indices, drawn without replacement from eligible samples.
+
+    Eligible: samples whose label is not the target (all-to-one dirty-label attacks), else all.
+    """
+    n_poison = int(math.floor(attack.poison_rate * len(labels) + 0.5))
+    eligible = torch.nonzero(attack.counts_for_asr(labels.cpu())).flatten()
+    if n_poison > len(eligible):
+        raise ValueError(
+            f"poison_rate {attack.poison_rate} asks for {n_poison} poisoned samples but only "
+            f"{len(eligible)} are eligible (not of the target class); lower --poison-rate"
+        )
+    chosen = eligible[torch.randperm(len(eligible), generator=generator)[:n_poison]]
+    return chosen.sort().values
+
+
+ATTACKS: Registry[type[Attack]] = Registry("attack")
+
+
+def create_attack(name: str, **params: Any) -> Attack:
+    """Build a registered attack; unknown parameters get an error listing the valid ones."""
+    cls = ATTACKS.get(name)
+    valid = {f.name for f in fields(cls)}
+    unknown = set(params) - valid
+    if unknown:
+        raise ValueError(f"attack {name!r} has no parameter(s) {sorted(unknown)}; valid: {sorted(valid)}")
+    return cls(**params)

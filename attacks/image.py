@@ -1,0 +1,110 @@
+"""Image triggers. Each works on a float batch ``x`` in [0, 1] of shape (N, C, H, W) on any device."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+from torch import Tensor
+
+from attacks.base import ATTACKS, Attack
+
+POSITIONS = ("bottom-right", "bottom-left", "top-right", "top-left")
+
+
+class ImageAttack(Attack):
+    """Base for image attacks: ``apply`` adds the trigger to a batch."""
+
+    modality = "image"
+
+    def apply(self, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+
+@ATTACKS.register("badnets")
+@dataclass
+class BadNets(ImageAttack):
+    """BadNets (Gu, Dolan-Gavitt, Garg, 2017): a small patch stamped on the image.
+
+    Defaults follow BackdoorBench's and NFT's CIFAR-10 config: a 3x3 white patch in the bottom-right
+    corner, target 0, all-to-one, 10% poison rate. ``pattern``: ``white``, ``checkerboard`` (black and
+    white squares) or ``random`` (a fixed pattern drawn from ``seed``). ``position`` is a corner name or
+    ``"row,col"`` of the patch's top-left pixel; ``margin`` keeps the patch off the border.
+    """
+
+    size: int = 3
+    position: str = "bottom-right"
+    margin: int = 0
+    pattern: str = "white"
+
+    name = "badnets"
+    paper = "Gu et al., BadNets, arXiv 1708.06733 (2017)"
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.size < 1:
+            raise ValueError(f"badnets patch size must be >= 1, got {self.size}")
+        if self.pattern not in ("white", "checkerboard", "random"):
+            raise ValueError(f"badnets pattern must be white, checkerboard or random, got {self.pattern!r}")
+        if self.position not in POSITIONS and len(self.position.split(",")) != 2:
+            raise ValueError(f"badnets position must be one of {POSITIONS} or 'row,col', got {self.position!r}")
+
+    def corner(self, height: int, width: int) -> tuple[int, int]:
+        s, m = self.size, self.margin
+        if self.position in POSITIONS:
+            row = height - s - m if self.position.startswith("bottom") else m
+            col = width - s - m if self.position.endswith("right") else m
+        else:
+            row, col = (int(v) for v in self.position.split(","))
+        if not (0 <= row <= height - s and 0 <= col <= width - s):
+            raise ValueError(f"badnets patch of size {s} at ({row}, {col}) does not fit a {height}x{width} image")
+        return row, col
+
+    def patch(self, channels: int) -> Tensor:
+        s = self.size
+        if self.pattern == "white":
+            return torch.ones(channels, s, s)
+        if self.pattern == "checkerboard":
+            grid = (torch.arange(s)[:, None] + torch.arange(s)[None, :]) % 2 == 0
+            return grid.float().expand(channels, s, s).clone()
+        g = torch.Generator().manual_seed(self.seed)
+        return (torch.rand(channels, s, s, generator=g) > 0.5).float()
+
+    def apply(self, x: Tensor) -> Tensor:
+        row, col = self.corner(x.shape[-2], x.shape[-1])
+        out = x.clone()
+        out[..., row : row + self.size, col : col + self.size] = self.patch(x.shape[1]).to(x)
+        return out
+
+
+@ATTACKS.register("blend")
+@dataclass
+class Blend(ImageAttack):
+    """Blend (Chen, Liu, Li, Lu, Song, 2017): ``x' = (1 - alpha) x + alpha * pattern`` over the whole image.
+
+    The paper's and BackdoorBench's pattern is a Hello-Kitty image; an image asset cannot be
+    downloaded here, so the pattern is uniform random noise drawn deterministically from
+    ``pattern_seed`` (Chen et al.'s "random pattern" variant). alpha 0.2 as in BackdoorBench.
+    """
+
+    alpha: float = 0.2
+    pattern_seed: int = 1234
+
+    name = "blend"
+    paper = "Chen et al., Targeted Backdoor Attacks on Deep Learning Systems Using Data Poisoning, arXiv 1712.05526"
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not 0 < self.alpha < 1:
+            raise ValueError(f"blend alpha must be in (0, 1), got {self.alpha}")
+
+    def apply(self, x: Tensor) -> Tensor:
+        pattern = noise_pattern(tuple(x.shape[1:]), self.pattern_seed).to(x)
+        return (1 - self.alpha) * x + self.alpha * pattern
+
+
+@lru_cache(maxsize=16)
+def noise_pattern(shape: tuple[int, ...], seed: int) -> Tensor:
+    """A fixed uniform-noise image in [0, 1], the same for every call with the same shape and seed."""
+    return torch.rand(shape, generator=torch.Generator().manual_seed(seed))

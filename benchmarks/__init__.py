@@ -1,0 +1,1 @@
+"""nftbench's runner: victims, single runs, records, the CLI and benchmark presets."""

@@ -1,0 +1,90 @@
+"""Checkpoints are ``model.safetensors`` plus a JSON sidecar. Nothing here ever unpickles a file."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded safely or does not fit the model; the message says why."""
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def save_checkpoint(directory: str | os.PathLike, model: nn.Module, sidecar: dict[str, Any],
+                    sidecar_name: str = "checkpoint.json") -> Path:
+    """Write ``model.safetensors`` (then the sidecar) atomically into ``directory``."""
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    tmp = d / f".model.safetensors.tmp{os.getpid()}"
+    save_file(state, str(tmp), metadata={"format": "nftbench"})
+    os.replace(tmp, d / "model.safetensors")
+    atomic_write_text(d / sidecar_name, json.dumps(sidecar, indent=1, default=str))
+    return d / "model.safetensors"
+
+
+def check_safetensors_file(path: Path) -> None:
+    """Refuse anything that is not a well-formed safetensors file (pickles, zips, truncated files)."""
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if head[:2] == b"PK" or head[:1] == b"\x80":
+        raise CheckpointError(
+            f"{path} is a pickle/torch.save file; nftbench loads only safetensors (pickles can run code). "
+            "Convert it once, in a trusted environment, with safetensors.torch.save_file(state_dict, ...)."
+        )
+    if len(head) < 9 or head[8:9] != b"{":
+        raise CheckpointError(f"{path} is not a safetensors file (bad header); re-save it with safetensors")
+    (header_len,) = struct.unpack("<Q", head[:8])
+    if 8 + header_len > size:
+        raise CheckpointError(f"{path} is truncated ({size} bytes, header says more); copy it again")
+
+
+def load_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    p = Path(path)
+    check_safetensors_file(p)
+    try:
+        return load_file(str(p))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{p} is corrupt or truncated ({e}); copy or re-create it") from e
+
+
+def load_checkpoint(path: str | os.PathLike, model: nn.Module) -> nn.Module:
+    """Load weights into ``model``; any missing, unexpected or mis-shaped tensor is one clear error."""
+    state = load_state(path)
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+              for k in own if k in state and state[k].shape != own[k].shape]
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing (e.g. {missing[:3]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})")
+        if shapes:
+            parts.append(f"{len(shapes)} of another shape (e.g. {shapes[:2]})")
+        raise CheckpointError(
+            f"{path} does not fit this architecture: {'; '.join(parts)}. Check --model/--dataset match the "
+            "ones the checkpoint was trained with (see its JSON sidecar)."
+        )
+    model.load_state_dict(state)
+    return model

@@ -1,0 +1,186 @@
+"""``nftbench``: train victims, purify them, run cells, run presets, list what is registered."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from attacks import ATTACKS, create_attack
+from benchmarks.run import Paths, RunConfig, purify_victim, run_once
+from benchmarks.victims import get_victim
+from defenses import DEFENSES
+from tasks import TASKS, CleanBudget, create_task
+
+
+def parse_params(items: list[str] | None) -> dict[str, Any]:
+    out = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ValueError(f"expected key=value, got {item!r}")
+        key, value = item.split("=", 1)
+        out[key.strip().replace("-", "_")] = yaml.safe_load(value)
+    return out
+
+
+def add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
+    p.add_argument("--data-root", default=None, help="folder holding the datasets (default: $DATA_ROOT or ./data)")
+    p.add_argument("--runs-dir", default="runs", help="cache of decoded datasets, victims and records")
+    p.add_argument("--download", action="store_true", help="allow downloading a missing dataset")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def add_victim_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--task", default="image")
+    p.add_argument("--dataset", default="digits")
+    p.add_argument("--model", default=None, help="default: the dataset's model for --scale")
+    p.add_argument("--scale", default="quick", choices=["quick", "paper"])
+    p.add_argument("--attack", default="badnets", help="a registered attack, or 'none' for a benign model")
+    p.add_argument("--poison-rate", type=float, default=None)
+    p.add_argument("--target", type=int, default=None)
+    p.add_argument("--all-to-all", action="store_true")
+    p.add_argument("--attack-param", action="append", metavar="KEY=VALUE", help="trigger parameter, repeatable")
+
+
+def add_budget_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--val-frac", type=float, default=None, help="clean data as a fraction of train (default 0.01)")
+    g.add_argument("--per-class", type=int, default=None, help="clean samples per class")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="defence option, repeatable")
+
+
+def attack_params(args: argparse.Namespace) -> dict[str, Any]:
+    params = parse_params(args.attack_param)
+    if args.poison_rate is not None:
+        params["poison_rate"] = args.poison_rate
+    if args.target is not None:
+        params["target"] = args.target
+    if args.all_to_all:
+        params["mode"] = "all-to-all"
+    return params
+
+
+def budget_of(args: argparse.Namespace) -> CleanBudget:
+    if args.per_class is not None:
+        return CleanBudget(fraction=None, per_class=args.per_class)
+    return CleanBudget(fraction=0.01 if args.val_frac is None else args.val_frac)
+
+
+def paths_of(args: argparse.Namespace) -> Paths:
+    return Paths(runs_dir=args.runs_dir, data_root=args.data_root, device=args.device, download=args.download)
+
+
+def cmd_list(args: argparse.Namespace) -> None:
+    from tasks.image_data import IMAGE_DATASETS
+    from tasks.image_models import IMAGE_MODELS
+
+    sections = {
+        "tasks": TASKS.names(), "datasets (image)": IMAGE_DATASETS.names(), "models (image)": IMAGE_MODELS.names(),
+        "attacks": [f"{n:10s} [{c.modality}] {c.paper}" for n, c in ATTACKS.items()],
+        "defenses": [f"{n:10s} {s.paper}" for n, s in DEFENSES.items()],
+    }
+    wanted = [k for k in sections if getattr(args, k.split()[0])]
+    for key in wanted or sections:
+        print(f"{key}:")
+        for line in sections[key]:
+            print(f"  {line}")
+
+
+def cmd_train_victim(args: argparse.Namespace) -> None:
+    attack = None if args.attack == "none" else create_attack(args.attack, seed=args.seed, **attack_params(args))
+    task = create_task(args.task, dataset=args.dataset, model=args.model, scale=args.scale,
+                       data_root=args.data_root, cache_dir=args.runs_dir, device=args.device, download=args.download)
+    _, meta, d = get_victim(task, attack, args.seed, args.runs_dir)
+    m = meta["metrics"]
+    print(json.dumps({"victim": str(d), **m, "train_time_s": round(meta["train_time_s"], 1)}, indent=1))
+
+
+def cmd_purify(args: argparse.Namespace) -> None:
+    record, out = purify_victim(args.victim, args.defense, parse_params(args.set), budget_of(args), args.seed,
+                                paths_of(args))
+    print_record(record, out)
+
+
+def cmd_run(args: argparse.Namespace) -> None:
+    cfg = RunConfig(task=args.task, dataset=args.dataset, model=args.model, scale=args.scale,
+                    attack=None if args.attack == "none" else args.attack, attack_params=attack_params(args),
+                    defense=args.defense, defense_params=parse_params(args.set), seed=args.seed,
+                    val_frac=args.val_frac if args.val_frac is not None else 0.01, per_class=args.per_class)
+    record = run_once(cfg, paths_of(args), results_csv=args.results, records_dir=Path(args.runs_dir) / "records")
+    print_record(record, Path(args.runs_dir) / "records" / f"{record['run_id']}.json")
+
+
+def print_record(record: dict[str, Any], where: Path) -> None:
+    b, a = record.get("before") or {}, record.get("after") or {}
+
+    def pct(v):
+        return "-" if v is None else f"{100 * v:.2f}"
+
+    print(f"run {record['run_id']} [{record['status']}] -> {where}")
+    if record["status"] != "ok":
+        print(f"error: {record['error']}", file=sys.stderr)
+        sys.exit(1)
+    print(f"before: C-ACC {pct(b.get('clean_acc'))}  ASR {pct(b.get('asr'))}  RA {pct(b.get('ra'))}")
+    print(f"after:  C-ACC {pct(a.get('clean_acc'))}  ASR {pct(a.get('asr'))}  RA {pct(a.get('ra'))}  "
+          f"DER {pct(record.get('der'))}  defence {record['defense_info']['wall_time_s']:.1f}s")
+
+
+def cmd_bench(args: argparse.Namespace) -> None:
+    from benchmarks.bench import run_preset
+
+    run_preset(args.preset, Path(args.out), paths_of(args))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="nftbench", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("list", help="registered tasks, datasets, models, attacks, defences")
+    for k in ("tasks", "datasets", "models", "attacks", "defenses"):
+        p.add_argument(f"--{k}", action="store_true")
+    p.set_defaults(fn=cmd_list)
+
+    p = sub.add_parser("train-victim", help="train (or reuse) a backdoored or benign model")
+    add_victim_args(p)
+    add_common(p)
+    p.set_defaults(fn=cmd_train_victim)
+
+    p = sub.add_parser("purify", help="remove the backdoor from a saved victim")
+    p.add_argument("--victim", required=True, help="victim directory (model.safetensors + victim.json)")
+    p.add_argument("--defense", default="nft")
+    add_budget_args(p)
+    add_common(p)
+    p.set_defaults(fn=cmd_purify)
+
+    p = sub.add_parser("run", help="victim (cached) -> defence -> record + CSV row")
+    add_victim_args(p)
+    p.add_argument("--defense", default="nft")
+    add_budget_args(p)
+    p.add_argument("--results", default="runs/results.csv", help="CSV the run's row is appended to")
+    add_common(p)
+    p.set_defaults(fn=cmd_run)
+
+    p = sub.add_parser("bench", help="run a preset grid and print its table")
+    p.add_argument("--preset", default="quick", help="quick | paper | path to a YAML file")
+    p.add_argument("--out", default="results/quick")
+    add_common(p)
+    p.set_defaults(fn=cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        args.fn(args)
+    except (KeyError, ValueError, FileNotFoundError, RuntimeError) as e:
+        print(f"nftbench: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,112 @@
+"""Run records: stable config hashes, versions, DER, atomic JSON records and results CSV rows."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import os
+import platform
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from benchmarks.checkpoint import atomic_write_text
+
+
+def config_hash(config: dict[str, Any], length: int = 12) -> str:
+    """Stable hash of a JSON-able config (key order does not matter)."""
+    blob = json.dumps(config, sort_keys=True, default=str, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:length]
+
+
+def der(acc_before: float, acc_after: float, asr_before: float, asr_after: float) -> float:
+    """Defense Effectiveness Rating (BackdoorBench), with the accuracy drop subtracted as its paper means:
+    DER = [max(0, ASR_before - ASR_after) - max(0, ACC_before - ACC_after) + 1] / 2, in [0, 1]."""
+    return (max(0.0, asr_before - asr_after) - max(0.0, acc_before - acc_after) + 1) / 2
+
+
+def versions() -> dict[str, str]:
+    import numpy
+    import torch
+
+    out = {"python": platform.python_version(), "torch": torch.__version__, "numpy": numpy.__version__,
+           "nftbench": _package_version(), "platform": platform.platform()}
+    commit = _git_commit()
+    if commit:
+        out["git_commit"] = commit
+    return out
+
+
+def _package_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("nftbench")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def _git_commit() -> str | None:
+    try:
+        root = Path(__file__).resolve().parent.parent
+        out = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
+                             text=True, timeout=5)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def device_name(device: Any) -> str:
+    import torch
+
+    if getattr(device, "type", str(device)) == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+
+
+def write_record(path: str | os.PathLike, record: dict[str, Any]) -> Path:
+    p = Path(path)
+    atomic_write_text(p, json.dumps(record, indent=1, default=str))
+    return p
+
+
+def read_record(path: str | os.PathLike) -> dict[str, Any]:
+    return json.loads(Path(path).read_text())
+
+
+CSV_COLUMNS = [
+    "run_id", "status", "task", "dataset", "model", "attack", "defense", "budget", "seed",
+    "clean_acc_before", "asr_before", "ra_before", "clean_acc_after", "asr_after", "ra_after", "der",
+    "defense_time_s", "device", "error",
+]
+
+
+def record_row(record: dict[str, Any]) -> dict[str, Any]:
+    cfg, before, after = record["config"], record.get("before") or {}, record.get("after") or {}
+    return {
+        "run_id": record["run_id"], "status": record["status"], "task": cfg["task"]["task"],
+        "dataset": cfg["task"]["dataset"], "model": cfg["task"]["model"],
+        "attack": (cfg.get("attack") or {}).get("name", "none"), "defense": cfg["defense"],
+        "budget": cfg["budget"], "seed": cfg["seed"],
+        "clean_acc_before": before.get("clean_acc"), "asr_before": before.get("asr"), "ra_before": before.get("ra"),
+        "clean_acc_after": after.get("clean_acc"), "asr_after": after.get("asr"), "ra_after": after.get("ra"),
+        "der": record.get("der"), "defense_time_s": (record.get("defense_info") or {}).get("wall_time_s"),
+        "device": record.get("device"), "error": record.get("error"),
+    }
+
+
+def append_csv_row(path: str | os.PathLike, row: dict[str, Any]) -> None:
+    """Add (or replace, by run_id) one row; the file is rewritten atomically so it is never half-written."""
+    p = Path(path)
+    rows = []
+    if p.is_file():
+        with open(p, newline="") as f:
+            rows = [r for r in csv.DictReader(f) if r.get("run_id") != row["run_id"]]
+    rows.append({k: ("" if row.get(k) is None else row.get(k)) for k in CSV_COLUMNS})
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(p, buf.getvalue())

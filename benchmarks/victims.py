@@ -1,0 +1,98 @@
+"""Victims: backdoored (or benign) models trained once per config and cached by the config's hash."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from attacks.base import Attack
+from benchmarks.checkpoint import load_checkpoint, save_checkpoint
+from benchmarks.records import config_hash, device_name, versions
+from defenses.base import check_finite
+from tasks.base import Task
+
+VICTIM_FORMAT = 1
+
+
+def victim_config(task: Task, attack: Attack | None, seed: int) -> dict[str, Any]:
+    return {"format": VICTIM_FORMAT, "task": task.config(), "attack": attack.config() if attack else None,
+            "seed": seed, "recipe": task.recipe()}
+
+
+def victim_dir(runs_dir: str | os.PathLike, config: dict[str, Any]) -> Path:
+    return Path(runs_dir) / "victims" / config_hash(config)
+
+
+def quiet() -> bool:
+    return bool(os.environ.get("CI")) or os.environ.get("NFTBENCH_QUIET") == "1"
+
+
+def train_model(task: Task, split: Any, recipe: dict[str, Any], seed: int, desc: str = "train") -> nn.Module:
+    """Train a fresh model on ``split`` with the task's recipe (SGD; one-cycle or cosine schedule)."""
+    torch.manual_seed(seed)
+    model = task.build_model()
+    model.train()
+    g = torch.Generator().manual_seed(seed + 1)
+    n, bs = task.split_sizes(split), recipe["batch_size"]
+    steps_per_epoch = max(1, n // bs) if n >= 2 * bs else 1
+    total = recipe["epochs"] * steps_per_epoch
+    opt = torch.optim.SGD(model.parameters(), lr=recipe["lr"], momentum=recipe["momentum"],
+                          nesterov=recipe["nesterov"], weight_decay=recipe["weight_decay"])
+    if recipe["schedule"] == "onecycle":
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=recipe["lr"], total_steps=total, pct_start=0.25,
+                                                    anneal_strategy="linear", div_factor=10, final_div_factor=20)
+    else:
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total)
+    step = 0
+    bar = tqdm(total=total, desc=desc, disable=quiet(), leave=False)
+    for _ in range(recipe["epochs"]):
+        for batch in task.epoch_batches(split, bs, g):
+            loss = task.loss(model, batch, label_smoothing=recipe.get("label_smoothing", 0.0))
+            check_finite(loss, desc, step)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            step += 1
+            bar.update()
+            if step % 20 == 0:
+                bar.set_postfix(loss=f"{loss.item():.3f}")
+    bar.close()
+    model.eval()
+    return model
+
+
+def get_victim(task: Task, attack: Attack | None, seed: int, runs_dir: str | os.PathLike = "runs"
+               ) -> tuple[nn.Module, dict[str, Any], Path]:
+    """Load the cached victim for this config, or train and cache it. Returns (model, victim.json, dir)."""
+    config = victim_config(task, attack, seed)
+    d = victim_dir(runs_dir, config)
+    if (d / "victim.json").is_file() and (d / "model.safetensors").is_file():
+        meta = json.loads((d / "victim.json").read_text())
+        model = load_checkpoint(d / "model.safetensors", task.build_model())
+        return model.eval(), meta, d
+    if task.device.type == "cuda":
+        torch.cuda.synchronize(task.device)
+    start = time.perf_counter()
+    train, poisoned = task.attacker_train(attack, seed)
+    name = attack.name if attack else "benign"
+    model = train_model(task, train, task.recipe(), seed, desc=f"victim {name}")
+    if task.device.type == "cuda":
+        torch.cuda.synchronize(task.device)
+    train_time = time.perf_counter() - start
+    metrics = task.evaluate(model, attack)
+    meta = {
+        "victim_id": d.name, "config": config, "metrics": metrics, "train_time_s": train_time,
+        "train_samples": task.split_sizes(train), "poisoned_samples": len(poisoned),
+        "device": device_name(task.device), "versions": versions(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    save_checkpoint(d, model, meta, sidecar_name="victim.json")
+    return model, meta, d

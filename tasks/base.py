@@ -1,0 +1,208 @@
+"""The task adapter protocol: the only way defences and the runner talk to a model.
+
+A task adapter (one per modality) owns the model factory, the data, how an attack's trigger is
+applied, the task's MixUp, the training loss and the evaluation. Defences receive a task object and
+an opaque clean split and use only the methods of :class:`Task`; they never import a concrete task.
+This mirrors lm-evaluation-harness's task adapters and timm's ``create_model`` registries.
+"""
+
+from __future__ import annotations
+
+import difflib
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+import torch
+from torch import Tensor, nn
+
+T = TypeVar("T")
+
+
+class UnknownNameError(KeyError):
+    """Raised for a name no registry knows; the message lists the valid names."""
+
+    def __str__(self) -> str:  # KeyError quotes its message; show it plainly
+        return str(self.args[0])
+
+
+class Registry(Generic[T]):
+    """A name -> factory table, as timm's model registry: ``@REG.register("name")``."""
+
+    def __init__(self, kind: str):
+        self.kind = kind
+        self._items: dict[str, T] = {}
+
+    def register(self, name: str) -> Callable[[T], T]:
+        def wrap(obj: T) -> T:
+            if name in self._items:
+                raise ValueError(f"{self.kind} {name!r} is registered twice")
+            self._items[name] = obj
+            return obj
+
+        return wrap
+
+    def get(self, name: str) -> T:
+        if name not in self._items:
+            close = difflib.get_close_matches(name, self._items, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise UnknownNameError(
+                f"unknown {self.kind} {name!r}.{hint} Valid {self.kind}s: {', '.join(sorted(self._items))}"
+            )
+        return self._items[name]
+
+    def names(self) -> list[str]:
+        return sorted(self._items)
+
+    def items(self) -> list[tuple[str, T]]:
+        return sorted(self._items.items())
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._items
+
+
+@dataclass
+class Batch:
+    """One batch: model inputs and targets (a label tensor for classification)."""
+
+    inputs: Tensor
+    targets: Any
+
+    def __len__(self) -> int:
+        return len(self.inputs)
+
+
+@dataclass(frozen=True)
+class CleanBudget:
+    """How much clean data the defender gets: a fraction of the training set, or k per class."""
+
+    fraction: float | None = 0.01
+    per_class: int | None = None
+
+    def __post_init__(self):
+        if (self.fraction is None) == (self.per_class is None):
+            raise ValueError("give exactly one of a clean fraction (--val-frac) or samples per class (--per-class)")
+        if self.fraction is not None and not 0 < self.fraction <= 1:
+            raise ValueError(f"clean fraction must be in (0, 1], got {self.fraction}")
+        if self.per_class is not None and self.per_class < 1:
+            raise ValueError(f"samples per class must be >= 1, got {self.per_class}")
+
+    def describe(self) -> str:
+        return f"{self.per_class}/class" if self.per_class is not None else f"{self.fraction:g}"
+
+
+class Task(ABC):
+    """Protocol every modality implements. Splits are task-specific opaque objects.
+
+    Attributes set by the adapter: ``name``, ``num_classes``, ``device``.
+    """
+
+    name: str
+    num_classes: int
+    device: torch.device
+
+    # --- model and data -------------------------------------------------------------------
+    @abstractmethod
+    def build_model(self) -> nn.Module:
+        """A fresh model of the configured architecture, on ``self.device``."""
+
+    @abstractmethod
+    def split_sizes(self, split: Any) -> int:
+        """Number of samples in a split."""
+
+    @abstractmethod
+    def config(self) -> dict[str, Any]:
+        """Everything that determines the data and model (hashed into victim ids)."""
+
+    @abstractmethod
+    def recipe(self) -> dict[str, Any]:
+        """Victim training recipe: epochs, batch_size, lr, momentum, nesterov, weight_decay, schedule,
+        label_smoothing."""
+
+    @abstractmethod
+    def attacker_train(self, attack: Any, seed: int) -> tuple[Any, Tensor]:
+        """The attacker's (poisoned) training split and the indices it poisoned."""
+
+    @abstractmethod
+    def clean_split(self, budget: CleanBudget, seed: int) -> Any:
+        """The defender's clean split, held out from the attacker's training data."""
+
+    # --- batches, loss and MixUp (what a defence uses) ---------------------------------------
+    @abstractmethod
+    def sample_batch(self, split: Any, batch_size: int, generator: torch.Generator, augment: bool = True) -> Batch:
+        """A batch drawn with replacement from ``split`` (augmented as in training)."""
+
+    @abstractmethod
+    def epoch_batches(self, split: Any, batch_size: int, generator: torch.Generator, augment: bool = True
+                      ) -> Iterator[Batch]:
+        """One shuffled pass over ``split`` (victim training)."""
+
+    @abstractmethod
+    def iter_batches(self, split: Any, batch_size: int) -> Iterator[Batch]:
+        """The whole split in order, without augmentation."""
+
+    @abstractmethod
+    def loss(self, model: nn.Module, batch: Batch, label_smoothing: float = 0.0) -> Tensor:
+        """Mean training loss of ``model`` on ``batch``."""
+
+    @abstractmethod
+    def mixup_loss(self, model: nn.Module, batch: Batch, alpha: float, generator: torch.Generator) -> Tensor:
+        """The task's MixUp: mix the batch with a permutation of itself, lambda ~ Beta(alpha, alpha)."""
+
+    @abstractmethod
+    def accuracy(self, model: nn.Module, split: Any) -> float:
+        """Clean task metric of ``model`` on ``split`` in [0, 1] (what a defender may select with)."""
+
+    @abstractmethod
+    def perturbable_input(self, batch: Batch) -> Tensor:
+        """The tensor a universal perturbation is added to (pixels in [0, 1] for images)."""
+
+    @abstractmethod
+    def with_input(self, batch: Batch, inputs: Tensor) -> Batch:
+        """``batch`` with its perturbable input replaced (the inverse of :meth:`perturbable_input`)."""
+
+    @abstractmethod
+    def feature_layer(self, model: nn.Module) -> nn.Module:
+        """The last feature layer (its output channels are what fine-pruning prunes)."""
+
+    # --- evaluation (the runner's, never a defence's) ----------------------------------------
+    @abstractmethod
+    def evaluate(self, model: nn.Module, attack: Any) -> dict[str, float]:
+        """``{"clean_acc", "asr", "ra"}`` on the test split, each in [0, 1]."""
+
+
+TASKS: Registry[type[Task]] = Registry("task")
+
+
+def autocast(device: torch.device, enabled: bool = True):
+    """bf16 autocast on CUDA (and on CPUs with native bf16); a no-op elsewhere."""
+    if enabled and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    if enabled and device.type == "cpu" and cpu_has_bf16():
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return torch.autocast(device.type, enabled=False)
+
+
+def cpu_has_bf16() -> bool:
+    """True when the CPU has native bf16 arithmetic (AVX512-BF16 or AMX); emulated bf16 is slower."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_device(spec: str = "auto") -> torch.device:
+    """``auto`` picks the first CUDA GPU, else MPS, else CPU; otherwise ``cpu`` / ``cuda:N``."""
+    if spec == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    device = torch.device(spec)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"--device {spec} asked for CUDA but no GPU is visible; use --device cpu or auto")
+    return device

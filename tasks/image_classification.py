@@ -1,0 +1,288 @@
+"""Image classification task adapter: CIFAR-10, GTSRB, Tiny-ImageNet, ImageNet and sklearn digits.
+
+Data lives on the device as uint8 tensors when it fits; batches are gathered, augmented (random crop
+with padding + horizontal flip, as BackdoorBench and NFT) and converted to float there, with no
+per-sample Python loop. Triggers are applied in pixel space ([0, 1]) and poisoned images are stored
+quantised to uint8, as an attacker's released dataset would be.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from tasks.base import TASKS, Batch, CleanBudget, Task, autocast, resolve_device
+from tasks.image_data import ImageDataset, ImageSet, load_image_dataset
+from tasks.image_models import IMAGE_MODELS, ImageClassifier
+
+if TYPE_CHECKING:  # attacks import tasks.base; importing them here at run time would be circular
+    from attacks.base import Attack
+
+# Default model per (dataset, scale); the paper uses PreAct-ResNet-18 (ResNet-50 on ImageNet).
+DEFAULT_MODELS = {
+    ("digits", "quick"): "resnet-tiny", ("digits", "paper"): "resnet-quick",
+    ("cifar10", "quick"): "resnet-quick", ("cifar10", "paper"): "preact-resnet18",
+    ("gtsrb", "quick"): "resnet-quick", ("gtsrb", "paper"): "preact-resnet18",
+    ("tiny-imagenet", "quick"): "resnet-quick", ("tiny-imagenet", "paper"): "preact-resnet18",
+    ("imagenet", "quick"): "resnet50", ("imagenet", "paper"): "resnet50",
+}
+
+# Share of the training set held out for the defender (never seen by the attacker's training).
+RESERVE_FRACTION = {"digits": 0.1}
+DEFAULT_RESERVE = 0.05
+
+# Victim training recipes. quick: one-cycle SGD, tuned for minutes on a CPU; paper: BackdoorBench's
+# PreAct-ResNet-18 recipe (SGD lr 0.01, momentum 0.9, wd 5e-4, cosine, batch 128, 100 epochs).
+RECIPES: dict[str, dict[str, Any]] = {
+    "quick": dict(epochs=16, batch_size=256, lr=0.2, momentum=0.9, nesterov=True, weight_decay=5e-4,
+                  schedule="onecycle", label_smoothing=0.1),
+    "paper": dict(epochs=100, batch_size=128, lr=0.01, momentum=0.9, nesterov=False, weight_decay=5e-4,
+                  schedule="cosine", label_smoothing=0.0),
+}
+DATASET_RECIPES: dict[tuple[str, str], dict[str, Any]] = {
+    ("digits", "quick"): dict(epochs=30, batch_size=64, lr=0.1),
+    ("digits", "paper"): dict(epochs=60, batch_size=64, lr=0.1),
+    # NFT paper: ResNet-50 from torchvision's weights, 20 epochs on clean + poisoned ImageNet.
+    ("imagenet", "quick"): dict(epochs=2, batch_size=256, lr=0.01, schedule="cosine"),
+    ("imagenet", "paper"): dict(epochs=20, batch_size=256, lr=0.01, schedule="cosine"),
+}
+
+
+def to_float(x: Tensor) -> Tensor:
+    return x.float().div_(255)
+
+
+def to_uint8(x: Tensor) -> Tensor:
+    return x.mul(255).round_().clamp_(0, 255).to(torch.uint8)
+
+
+@TASKS.register("image")
+class ImageClassificationTask(Task):
+    """Image classification adapter (NFT, ECCV 2024, Sec. 4: CIFAR-10, GTSRB, Tiny-ImageNet, ImageNet).
+
+    ``reserve_fraction`` of the training set (stratified, fixed ``split_seed``) is held out for the
+    defender: the attacker trains on the rest, and every clean budget is drawn from the reserve, so
+    one victim serves 1%, 0.5% and one-per-class defenders alike.
+    """
+
+    name = "image"
+
+    def __init__(
+        self, dataset: str = "digits", model: str | None = None, scale: str = "quick",
+        data_root: str | os.PathLike | None = None, cache_dir: str | os.PathLike = "runs",
+        device: str = "auto", download: bool = False, image_size: int | None = None,
+        reserve_fraction: float | None = None, split_seed: int = 0, amp: bool = True,
+        model_kwargs: dict[str, Any] | None = None,
+    ):
+        if scale not in RECIPES:
+            raise ValueError(f"scale must be one of {sorted(RECIPES)}, got {scale!r}")
+        self.dataset_name, self.scale = dataset, scale
+        self.model_name = model or DEFAULT_MODELS.get((dataset, scale), "resnet-quick")
+        IMAGE_MODELS.get(self.model_name)  # fail fast on an unknown model
+        self.model_kwargs = dict(model_kwargs or {})
+        self.device = resolve_device(device)
+        self.amp = amp
+        root = data_root or os.environ.get("DATA_ROOT", "data")
+        self.data: ImageDataset = load_image_dataset(dataset, root, cache_dir, download, image_size)
+        self.num_classes = self.data.num_classes
+        self.reserve_fraction = reserve_fraction or RESERVE_FRACTION.get(dataset, DEFAULT_RESERVE)
+        self.split_seed = split_seed
+        self.attacker_idx, self.reserve_idx = stratified_split(self.data.train.y, self.reserve_fraction, split_seed)
+        self.large = self.data.train.x.numel() > 8e9  # ImageNet: keep on CPU (memory-mapped)
+        self.test = self.data.test if self.large else self.data.test.to(self.device)
+        self.channels_last = self.device.type == "cuda"
+
+    # --- description ---------------------------------------------------------------------
+    def config(self) -> dict[str, Any]:
+        return {
+            "task": self.name, "dataset": self.dataset_name, "model": self.model_name, "scale": self.scale,
+            "model_kwargs": self.model_kwargs, "reserve_fraction": self.reserve_fraction,
+            "split_seed": self.split_seed, "data_fingerprint": self.data.fingerprint,
+        }
+
+    def recipe(self) -> dict[str, Any]:
+        return {**RECIPES[self.scale], **DATASET_RECIPES.get((self.dataset_name, self.scale), {})}
+
+    # --- model and data ------------------------------------------------------------------------
+    def build_model(self) -> nn.Module:
+        net = IMAGE_MODELS.get(self.model_name)(
+            num_classes=self.num_classes, in_channels=self.data.shape[0], **self.model_kwargs
+        )
+        model = ImageClassifier(net, self.data.mean, self.data.std).to(self.device)
+        return model.to(memory_format=torch.channels_last) if self.channels_last else model
+
+    def split_sizes(self, split: ImageSet) -> int:
+        return len(split)
+
+    def place(self, split: ImageSet) -> ImageSet:
+        return split if self.large else split.to(self.device)
+
+    def attacker_train(self, attack: Attack | None, seed: int) -> tuple[ImageSet, Tensor]:
+        """The attacker's training set, poisoned by ``attack`` (exact, seeded); and the poisoned indices."""
+        from attacks.base import select_poison_indices
+
+        train = self.data.train.subset(self.attacker_idx)
+        if attack is None or attack.poison_rate == 0:
+            return self.place(train), torch.empty(0, dtype=torch.long)
+        g = torch.Generator().manual_seed(seed)
+        idx = select_poison_indices(train.y, attack, g)
+        x, y = train.x.clone(), train.y.clone()
+        for chunk in idx.split(4096):
+            x[chunk] = to_uint8(attack.apply(to_float(x[chunk])))
+            y[chunk] = attack.poison_label(y[chunk], self.num_classes)
+        return self.place(ImageSet(x, y)), idx
+
+    def clean_split(self, budget: CleanBudget, seed: int) -> ImageSet:
+        """The defender's clean data: ``fraction`` of the full training set, or ``per_class`` per class,
+        drawn (seeded) from the reserve the attacker never trained on."""
+        y = self.data.train.y[self.reserve_idx]
+        g = torch.Generator().manual_seed(seed)
+        if budget.per_class is not None:
+            picks = []
+            for c in range(self.num_classes):
+                pool = torch.nonzero(y == c).flatten()
+                if len(pool) < budget.per_class:
+                    raise ValueError(f"the defender's reserve has only {len(pool)} samples of class {c}; "
+                                     f"lower --per-class below {budget.per_class}")
+                picks.append(pool[torch.randperm(len(pool), generator=g)[: budget.per_class]])
+            chosen = torch.cat(picks)
+        else:
+            n = max(1, round(budget.fraction * len(self.data.train)))
+            if n > len(y):
+                raise ValueError(f"--val-frac {budget.fraction} asks for {n} samples but the defender's reserve "
+                                 f"holds {len(y)} ({self.reserve_fraction:.0%} of train); lower it")
+            chosen = torch.randperm(len(y), generator=g)[:n]
+        return self.place(self.data.train.subset(self.reserve_idx[chosen.sort().values]))
+
+    # --- batches ------------------------------------------------------------------------------
+    def augment(self, x: Tensor, generator: torch.Generator) -> Tensor:
+        """Random crop (zero padding of 1/8 of the side) + horizontal flip, batched on the device."""
+        n, _, h, w = x.shape
+        pad = max(1, h // 8)
+        dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator).to(x.device)
+        dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator).to(x.device)
+        flip = (torch.rand(n, generator=generator) < 0.5).to(x.device)
+        padded = F.pad(x, (pad, pad, pad, pad))
+        rows = (dy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]
+        cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, None, :]
+        cols = torch.where(flip[:, None, None, None], cols.flip(-1), cols)
+        chans = torch.arange(x.shape[1], device=x.device)[None, :, None, None]
+        return padded[torch.arange(n, device=x.device)[:, None, None, None], chans, rows, cols]
+
+    def make_batch(self, split: ImageSet, idx: Tensor, augment: bool, generator: torch.Generator | None) -> Batch:
+        x = split.x[idx.to(split.x.device)].to(self.device, non_blocking=True)
+        y = split.y[idx.to(split.y.device)].to(self.device, non_blocking=True)
+        if augment:
+            x = self.augment(x, generator)
+        x = to_float(x)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return Batch(x, y)
+
+    def sample_batch(self, split: ImageSet, batch_size: int, generator: torch.Generator, augment: bool = True) -> Batch:
+        idx = torch.randint(0, len(split), (batch_size,), generator=generator)
+        return self.make_batch(split, idx, augment, generator)
+
+    def epoch_batches(self, split: ImageSet, batch_size: int, generator: torch.Generator,
+                      augment: bool = True) -> Iterator[Batch]:
+        """One shuffled pass over ``split`` (the last partial batch is dropped when there are several)."""
+        perm = torch.randperm(len(split), generator=generator)
+        n = len(split) // batch_size * batch_size if len(split) >= 2 * batch_size else len(split)
+        for idx in perm[:n].split(batch_size):
+            yield self.make_batch(split, idx, augment, generator)
+
+    def iter_batches(self, split: ImageSet, batch_size: int = 1024) -> Iterator[Batch]:
+        for idx in torch.arange(len(split)).split(batch_size):
+            yield self.make_batch(split, idx, False, None)
+
+    # --- losses -------------------------------------------------------------------------------
+    def loss(self, model: nn.Module, batch: Batch, label_smoothing: float = 0.0) -> Tensor:
+        with autocast(self.device, self.amp):
+            logits = model(batch.inputs)
+        return F.cross_entropy(logits.float(), batch.targets, label_smoothing=label_smoothing)
+
+    def mixup_loss(self, model: nn.Module, batch: Batch, alpha: float, generator: torch.Generator) -> Tensor:
+        """MixUp (Zhang et al., ICLR 2018): one lambda ~ Beta(alpha, alpha) per batch, partner = a random
+        permutation of the batch; loss = lambda * CE(y_a) + (1 - lambda) * CE(y_b), as in NFT's code."""
+        lam = beta_sample(alpha, generator)
+        perm = torch.randperm(len(batch), generator=generator).to(self.device)
+        x = lam * batch.inputs + (1 - lam) * batch.inputs[perm]
+        with autocast(self.device, self.amp):
+            logits = model(x).float()
+        return lam * F.cross_entropy(logits, batch.targets) + (1 - lam) * F.cross_entropy(logits, batch.targets[perm])
+
+    def perturbable_input(self, batch: Batch) -> Tensor:
+        return batch.inputs
+
+    def with_input(self, batch: Batch, inputs: Tensor) -> Batch:
+        return Batch(inputs, batch.targets)
+
+    def feature_layer(self, model: nn.Module) -> nn.Module:
+        return model.get_submodule(model.feature_layer)
+
+    # --- evaluation ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def predict(self, model: nn.Module, x: Tensor) -> Tensor:
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast(self.device, self.amp):
+            return model(x).argmax(1)
+
+    @torch.no_grad()
+    def accuracy(self, model: nn.Module, split: ImageSet) -> float:
+        was_training = model.training
+        model.eval()
+        correct = sum(int((self.predict(model, b.inputs) == b.targets).sum()) for b in self.iter_batches(split))
+        model.train(was_training)
+        return correct / max(1, len(split))
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, attack: Attack | None) -> dict[str, float | None]:
+        """C-ACC on the whole clean test set; ASR and RA on triggered test images whose true label is
+        not the target (all-to-one), all images for all-to-all (BackdoorBench conventions)."""
+        was_training = model.training
+        model.eval()
+        correct = hits = robust = counted = 0
+        for b in self.iter_batches(self.test):
+            correct += int((self.predict(model, b.inputs) == b.targets).sum())
+            if attack is None:
+                continue
+            keep = attack.counts_for_asr(b.targets)
+            if not keep.any():
+                continue
+            x, y = b.inputs[keep], b.targets[keep]
+            pred = self.predict(model, to_float(to_uint8(attack.apply(x))))
+            hits += int((pred == attack.poison_label(y, self.num_classes)).sum())
+            robust += int((pred == y).sum())
+            counted += len(y)
+        model.train(was_training)
+        out: dict[str, float | None] = {"clean_acc": correct / len(self.test), "asr": None, "ra": None}
+        if attack is not None:
+            out["asr"], out["ra"] = hits / max(1, counted), robust / max(1, counted)
+        return out
+
+
+def stratified_split(y: Tensor, fraction: float, seed: int) -> tuple[Tensor, Tensor]:
+    """Split indices into (rest, held-out) with ``fraction`` of each class held out (at least one)."""
+    g = torch.Generator().manual_seed(seed)
+    rest, held = [], []
+    for c in torch.unique(y):
+        idx = torch.nonzero(y == c).flatten()
+        idx = idx[torch.randperm(len(idx), generator=g)]
+        k = max(1, math.floor(fraction * len(idx) + 0.5))
+        held.append(idx[:k])
+        rest.append(idx[k:])
+    return torch.cat(rest).sort().values, torch.cat(held).sort().values
+
+
+def beta_sample(alpha: float, generator: torch.Generator) -> float:
+    """lambda ~ Beta(alpha, alpha), reproducible from a torch generator."""
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+    return float(np.random.default_rng(seed).beta(alpha, alpha))
