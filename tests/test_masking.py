@@ -1,0 +1,108 @@
+import pytest
+import torch
+from torch import nn
+
+from defenses.masking import NeuronMasks
+from defenses.nft import layer_floors
+from tasks.image_models import IMAGE_MODELS, ImageClassifier
+
+
+def make(name="resnet18-cifar", width=0.25):
+    torch.manual_seed(0)
+    net = IMAGE_MODELS.get(name)(num_classes=10, in_channels=3, width=width)
+    model = ImageClassifier(net, (0.5,) * 3, (0.25,) * 3)
+    with torch.no_grad():  # non-trivial BN statistics and affine parameters
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 2)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.2, 0.2)
+    return model
+
+
+@pytest.mark.parametrize("target", ["bn_gamma", "bn_affine", "conv_out", "linear_out"])
+def test_masks_at_one_are_bit_identical(target):
+    model = make().eval()
+    x = torch.rand(4, 3, 32, 32)
+    ref = model(x)
+    masks = NeuronMasks(model, target)
+    assert torch.equal(model(x), ref)
+    model.train()
+    ref_train = make().train()(x)
+    assert torch.equal(model(x), ref_train)
+    masks.remove(fold=True)
+    assert not any("parametrizations" in k for k in model.state_dict())
+
+
+def test_layernorm_target_and_identity():
+    model = nn.Sequential(nn.Linear(8, 16), nn.LayerNorm(16), nn.Linear(16, 4))
+    x = torch.randn(5, 8)
+    ref = model(x)
+    masks = NeuronMasks(model, "layernorm", exclude=())
+    assert len(masks) == 1 and masks.num_neurons() == 16
+    assert torch.equal(model(x), ref)
+
+
+def test_nft_default_masks_19_layers_of_resnet18_without_the_stem():
+    model = make()
+    masks = NeuronMasks(model, "bn_gamma")
+    assert len(masks) == 19
+    assert all(layer.name != "net.bn1" for layer in masks.layers)
+    assert "net.layer2.0.shortcut.1" in [layer.name for layer in masks.layers]
+
+
+def test_mask_scales_gamma_only_and_folding_keeps_the_function():
+    model = make().eval()
+    x = torch.rand(2, 3, 32, 32)
+    masks = NeuronMasks(model, "bn_gamma")
+    bn = masks.layers[0].module
+    gamma = bn.parametrizations.weight.original.clone()
+    beta = bn.bias.clone()
+    with torch.no_grad():
+        for m in masks.masks:
+            m.uniform_(0.2, 1.0)
+    assert torch.allclose(bn.weight, gamma * masks.masks[0])
+    assert torch.equal(bn.bias, beta)
+    masked = model(x)
+    masks.remove(fold=True)
+    assert torch.allclose(model(x), masked, atol=1e-5)
+
+
+def test_remove_without_fold_restores_the_original():
+    model = make().eval()
+    x = torch.rand(2, 3, 32, 32)
+    ref = model(x)
+    masks = NeuronMasks(model, "bn_gamma")
+    with torch.no_grad():
+        masks.masks[3].zero_()
+    assert not torch.equal(model(x), ref)
+    masks.remove(fold=False)
+    assert torch.equal(model(x), ref)
+
+
+def test_clamp_holds_layer_floors_and_noise_perturbs():
+    model = make()
+    masks = NeuronMasks(model, "bn_gamma", bias_noise=True)
+    floors = layer_floors(len(masks), 0.8, 0.5)
+    assert floors[0] == pytest.approx(0.8 * 2.718281828 ** -0.5) and floors[2] == pytest.approx(0.1785, abs=1e-3)
+    with torch.no_grad():
+        for m in masks.masks:
+            m.uniform_(-1, 2)
+    masks.clamp_(floors, 1.0)
+    for m, lo in zip(masks.masks, floors):
+        assert m.min() >= lo - 1e-7 and m.max() <= 1.0
+    bn = masks.layers[0].module
+    before_w, before_b = bn.weight.clone(), bn.bias.clone()
+    masks.set_noise([torch.full_like(m, 0.1) for m in masks.masks], [torch.full_like(m, -0.5) for m in masks.masks])
+    assert torch.allclose(bn.weight, before_w / masks.masks[0] * (masks.masks[0] + 0.1))
+    assert torch.allclose(bn.bias, before_b * 0.5)
+    masks.set_noise(None, None)
+    assert torch.equal(bn.bias, before_b)
+
+
+def test_unknown_target_and_empty_family_errors():
+    with pytest.raises(ValueError, match="unknown mask target"):
+        NeuronMasks(make(), "heads")
+    with pytest.raises(ValueError, match="no layernorm modules"):
+        NeuronMasks(make(), "layernorm")
