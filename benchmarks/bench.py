@@ -37,7 +37,8 @@ def cells(grid: dict[str, Any]) -> list[RunConfig]:
     ):
         out.append(RunConfig(
             task=grid.get("task", "image"), dataset=dataset, model=grid.get("model"), scale=grid.get("scale", "quick"),
-            attack=None if attack == "none" else attack, attack_params=dict(grid.get("attack_params", {}).get(attack, {})),
+            attack=None if attack == "none" else attack,
+            attack_params=dict(grid.get("attack_params", {}).get(attack, {})),
             defense=defense, defense_params=dict(grid.get("defense_params", {}).get(defense, {})),
             val_frac=budget.get("val_frac"), per_class=budget.get("per_class"), seed=seed,
         ))

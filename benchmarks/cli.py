@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import pickle
 import sys
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,8 @@ def add_victim_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--task", default="image")
     p.add_argument("--dataset", default="digits")
     p.add_argument("--model", default=None, help="default: the dataset's model for --scale")
+    p.add_argument("--model-param", action="append", metavar="KEY=VALUE",
+                   help="model option, repeatable (e.g. width=0.5, pretrained=/path/resnet50.pth)")
     p.add_argument("--scale", default="quick", choices=["quick", "paper"])
     p.add_argument("--attack", default="badnets", help="a registered attack, or 'none' for a benign model")
     p.add_argument("--poison-rate", type=float, default=None)
@@ -93,8 +96,9 @@ def cmd_list(args: argparse.Namespace) -> None:
 
 def cmd_train_victim(args: argparse.Namespace) -> None:
     attack = None if args.attack == "none" else create_attack(args.attack, seed=args.seed, **attack_params(args))
-    task = create_task(args.task, dataset=args.dataset, model=args.model, scale=args.scale,
-                       data_root=args.data_root, cache_dir=args.runs_dir, device=args.device, download=args.download)
+    task = create_task(args.task, dataset=args.dataset, model=args.model, model_kwargs=parse_params(args.model_param),
+                       scale=args.scale, data_root=args.data_root, cache_dir=args.runs_dir, device=args.device,
+                       download=args.download)
     _, meta, d = get_victim(task, attack, args.seed, args.runs_dir)
     m = meta["metrics"]
     print(json.dumps({"victim": str(d), **m, "train_time_s": round(meta["train_time_s"], 1)}, indent=1))
@@ -107,7 +111,8 @@ def cmd_purify(args: argparse.Namespace) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> None:
-    cfg = RunConfig(task=args.task, dataset=args.dataset, model=args.model, scale=args.scale,
+    cfg = RunConfig(task=args.task, dataset=args.dataset, model=args.model,
+                    model_kwargs=parse_params(args.model_param), scale=args.scale,
                     attack=None if args.attack == "none" else args.attack, attack_params=attack_params(args),
                     defense=args.defense, defense_params=parse_params(args.set), seed=args.seed,
                     val_frac=args.val_frac if args.val_frac is not None else 0.01, per_class=args.per_class)
@@ -177,7 +182,7 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
         args.fn(args)
-    except (KeyError, ValueError, FileNotFoundError, RuntimeError) as e:
+    except (KeyError, ValueError, FileNotFoundError, RuntimeError, FloatingPointError, pickle.UnpicklingError) as e:
         print(f"nftbench: error: {e}", file=sys.stderr)
         sys.exit(2)
 

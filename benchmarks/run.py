@@ -14,8 +14,15 @@ from torch import nn
 
 from attacks import Attack, create_attack
 from benchmarks.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from benchmarks.records import (append_csv_row, config_hash, der, device_name, record_row, versions,
-                                write_record)
+from benchmarks.records import (
+    append_csv_row,
+    config_hash,
+    der,
+    device_name,
+    record_row,
+    versions,
+    write_record,
+)
 from benchmarks.victims import get_victim
 from defenses import DEFENSES, purify
 from tasks import CleanBudget, Task, create_task
@@ -28,6 +35,7 @@ class RunConfig:
     task: str = "image"
     dataset: str = "digits"
     model: str | None = None
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
     scale: str = "quick"
     attack: str | None = "badnets"
     attack_params: dict[str, Any] = field(default_factory=dict)
@@ -89,8 +97,9 @@ def run_once(cfg: RunConfig, paths: Paths, results_csv: str | os.PathLike | None
     budget = cfg.budget()
     DEFENSES.get(cfg.defense).make_config(cfg.defense_params)  # bad names/options fail before any work
     attack = create_attack(cfg.attack, seed=cfg.seed, **cfg.attack_params) if cfg.attack else None
-    task = create_task(cfg.task, dataset=cfg.dataset, model=cfg.model, scale=cfg.scale, data_root=paths.data_root,
-                       cache_dir=paths.runs_dir, device=paths.device, download=paths.download)
+    task = create_task(cfg.task, dataset=cfg.dataset, model=cfg.model, model_kwargs=cfg.model_kwargs, scale=cfg.scale,
+                       data_root=paths.data_root, cache_dir=paths.runs_dir, device=paths.device,
+                       download=paths.download)
     model, victim, _ = get_victim(task, attack, cfg.seed, paths.runs_dir)
     record, _ = defend(task, attack, model, victim, cfg.defense, cfg.defense_params, budget, cfg.seed)
     if records_dir is not None:

@@ -87,10 +87,14 @@ def get_victim(task: Task, attack: Attack | None, seed: int, runs_dir: str | os.
     if task.device.type == "cuda":
         torch.cuda.synchronize(task.device)
     train_time = time.perf_counter() - start
+    recipe = task.recipe()
+    n = task.split_sizes(train)
+    steps = recipe["epochs"] * (max(1, n // recipe["batch_size"]) if n >= 2 * recipe["batch_size"] else 1)
     metrics = task.evaluate(model, attack)
     meta = {
         "victim_id": d.name, "config": config, "metrics": metrics, "train_time_s": train_time,
-        "train_samples": task.split_sizes(train), "poisoned_samples": len(poisoned),
+        "train_images_per_s": steps * min(n, recipe["batch_size"]) / train_time,
+        "train_samples": n, "poisoned_samples": len(poisoned),
         "device": device_name(task.device), "versions": versions(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }

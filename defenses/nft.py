@@ -71,22 +71,26 @@ def nft(model: nn.Module, task: Any, clean: Any, cfg: NFTConfig, seed: int = 0) 
     g = torch.Generator().manual_seed(seed)
     model.train(cfg.train_mode_bn)
     losses = []
-    for step in range(cfg.steps):
-        batch = task.sample_batch(clean, cfg.batch_size, g, augment=cfg.augment)
-        loss = task.mixup_loss(model, batch, cfg.mixup_alpha, g) if cfg.mixup else task.loss(model, batch)
-        reg = sum((1 - m).abs().sum() for m in masks.masks) / per_class
-        total = loss + cfg.eta * reg
-        check_finite(total, "nft", step)
-        opt.zero_grad(set_to_none=True)
-        total.backward()
-        opt.step()
-        sched.step()
-        masks.clamp_(floors, 1.0)
-        if step % 50 == 0 or step == cfg.steps - 1:
-            losses.append(round(loss.item(), 4))
-    info = {"steps": cfg.steps, "clean_samples": n_clean, "loss_trace": losses, **masks.statistics()}
-    masks.remove(fold=True)
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(True)
+    done = False
+    try:
+        for step in range(cfg.steps):
+            batch = task.sample_batch(clean, cfg.batch_size, g, augment=cfg.augment)
+            loss = task.mixup_loss(model, batch, cfg.mixup_alpha, g) if cfg.mixup else task.loss(model, batch)
+            reg = sum((1 - m).abs().sum() for m in masks.masks) / per_class
+            total = loss + cfg.eta * reg
+            check_finite(total, "nft", step)
+            opt.zero_grad(set_to_none=True)
+            total.backward()
+            opt.step()
+            sched.step()
+            masks.clamp_(floors, 1.0)
+            if step % 50 == 0 or step == cfg.steps - 1:
+                losses.append(round(loss.item(), 4))
+        info = {"steps": cfg.steps, "clean_samples": n_clean, "loss_trace": losses, **masks.statistics()}
+        done = True
+    finally:  # on success the masks are folded in; on failure the model gets its own weights back
+        masks.remove(fold=done)
+        model.eval()
+        for p in model.parameters():
+            p.requires_grad_(True)
     return model, info

@@ -98,6 +98,8 @@ class ImageClassificationTask(Task):
         self.large = self.data.train.x.numel() > 8e9  # ImageNet: keep on CPU (memory-mapped)
         self.test = self.data.test if self.large else self.data.test.to(self.device)
         self.channels_last = self.device.type == "cuda"
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
 
     # --- description ---------------------------------------------------------------------
     def config(self) -> dict[str, Any]:
@@ -133,11 +135,11 @@ class ImageClassificationTask(Task):
             return self.place(train), torch.empty(0, dtype=torch.long)
         g = torch.Generator().manual_seed(seed)
         idx = select_poison_indices(train.y, attack, g)
-        x, y = train.x.clone(), train.y.clone()
-        for chunk in idx.split(4096):
-            x[chunk] = to_uint8(attack.apply(to_float(x[chunk])))
-            y[chunk] = attack.poison_label(y[chunk], self.num_classes)
-        return self.place(ImageSet(x, y)), idx
+        y = train.y.clone()
+        y[idx] = attack.poison_label(y[idx], self.num_classes)
+        poisoned = torch.zeros(len(y), dtype=torch.bool)
+        poisoned[idx] = True
+        return self.place(ImageSet(train.x, y, poisoned, attack.apply)), idx
 
     def clean_split(self, budget: CleanBudget, seed: int) -> ImageSet:
         """The defender's clean data: ``fraction`` of the full training set, or ``per_class`` per class,
@@ -179,6 +181,10 @@ class ImageClassificationTask(Task):
     def make_batch(self, split: ImageSet, idx: Tensor, augment: bool, generator: torch.Generator | None) -> Batch:
         x = split.x[idx.to(split.x.device)].to(self.device, non_blocking=True)
         y = split.y[idx.to(split.y.device)].to(self.device, non_blocking=True)
+        if split.poisoned is not None:
+            rows = split.poisoned[idx.to(split.poisoned.device)].to(self.device)
+            if rows.any():  # trigger first, stored as uint8 like a released poisoned image; then augment
+                x[rows] = to_uint8(split.trigger(to_float(x[rows])))
         if augment:
             x = self.augment(x, generator)
         x = to_float(x)

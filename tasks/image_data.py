@@ -34,19 +34,29 @@ class DatasetNotFoundError(FileNotFoundError):
 
 @dataclass
 class ImageSet:
-    """Images as uint8 (N, C, H, W) and labels as int64 (N,), on CPU or a device."""
+    """Images as uint8 (N, C, H, W) and labels as int64 (N,), on CPU or a device.
+
+    A poisoned training set keeps its clean images and marks the poisoned ones (``poisoned``, bool (N,));
+    their labels are already the attacker's, and ``trigger`` (the attack's ``apply``) is applied when a
+    batch is gathered, on the device. That equals baking the trigger into a copy, without the copy
+    (ImageNet-size data stays memory-mapped).
+    """
 
     x: Tensor
     y: Tensor
+    poisoned: Tensor | None = None
+    trigger: Callable[[Tensor], Tensor] | None = None
 
     def __len__(self) -> int:
         return len(self.y)
 
     def subset(self, idx: Tensor) -> ImageSet:
-        return ImageSet(self.x[idx.to(self.x.device)], self.y[idx.to(self.y.device)])
+        poisoned = None if self.poisoned is None else self.poisoned[idx.to(self.poisoned.device)]
+        return ImageSet(self.x[idx.to(self.x.device)], self.y[idx.to(self.y.device)], poisoned, self.trigger)
 
     def to(self, device: torch.device) -> ImageSet:
-        return ImageSet(self.x.to(device), self.y.to(device))
+        poisoned = None if self.poisoned is None else self.poisoned.to(device)
+        return ImageSet(self.x.to(device), self.y.to(device), poisoned, self.trigger)
 
 
 @dataclass
@@ -70,7 +80,7 @@ class ImageDataset:
 
 
 ARRAYS = ("train_x", "train_y", "test_x", "test_y")
-Loader = Callable[[Path, bool, int | None], tuple[dict[str, np.ndarray], list[str], str]]
+Loader = Callable[[Path, bool, int | None, Path], tuple[dict[str, np.ndarray], list[str], str]]
 IMAGE_DATASETS: Registry[Loader] = Registry("image dataset")
 
 
@@ -83,8 +93,18 @@ def load_image_dataset(
     tag = name if image_size is None else f"{name}-{image_size}"
     cache = Path(cache_dir) / "datasets" / tag
     if not (cache / "meta.json").is_file():
-        arrays, classes, source = loader(Path(root).expanduser(), download, image_size)
-        write_cache(cache, arrays, classes, source)
+        # Decode into a temp folder, then rename: a killed decode leaves no half-written cache.
+        tmp = cache.with_name(cache.name + f".tmp{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        try:
+            arrays, classes, source = loader(Path(root).expanduser(), download, image_size, tmp)
+            write_cache(tmp, arrays, classes, source)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        shutil.rmtree(cache, ignore_errors=True)
+        os.replace(tmp, cache)
     meta = json.loads((cache / "meta.json").read_text())
     a = {k: torch.from_numpy(np.load(cache / f"{k}.npy", mmap_mode="c", allow_pickle=False)) for k in ARRAYS}
     return ImageDataset(
@@ -99,20 +119,21 @@ def load_image_dataset(
     )
 
 
-def write_cache(cache: Path, arrays: dict[str, np.ndarray], classes: list[str], source: str) -> None:
-    """Write arrays and meta into a temp folder, then rename: a killed decode leaves no half cache."""
+def write_cache(folder: Path, arrays: dict[str, np.ndarray], classes: list[str], source: str) -> None:
+    """Save arrays (those a loader already decoded into ``folder`` stay where they are) and meta.json."""
     for k in ARRAYS:
         a = arrays[k]
         if k.endswith("_x") and (a.dtype != np.uint8 or a.ndim != 4):
             raise ValueError(f"{k} must be uint8 (N, C, H, W), got {a.dtype} {a.shape}")
-    tmp = cache.with_name(cache.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     digest = hashlib.sha256()
     for k in ARRAYS:
-        np.save(tmp / f"{k}.npy", np.ascontiguousarray(arrays[k]), allow_pickle=False)
+        a = arrays[k]
+        if isinstance(a, np.memmap) and Path(a.filename).resolve() == (folder / f"{k}.npy").resolve():
+            a.flush()
+        else:
+            np.save(folder / f"{k}.npy", np.ascontiguousarray(a), allow_pickle=False)
         digest.update(k.encode())
-        digest.update(np.ascontiguousarray(arrays[k][:: max(1, len(arrays[k]) // 4096)]).tobytes())
+        digest.update(np.ascontiguousarray(a[:: max(1, len(a) // 4096)]).tobytes())
     x = arrays["train_x"][:: max(1, len(arrays["train_x"]) // 10000)].astype(np.float64) / 255
     meta = {
         "classes": classes,
@@ -122,9 +143,7 @@ def write_cache(cache: Path, arrays: dict[str, np.ndarray], classes: list[str], 
         "source": source,
         "sizes": {k: len(arrays[k]) for k in ARRAYS},
     }
-    (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-    shutil.rmtree(cache, ignore_errors=True)
-    os.replace(tmp, cache)
+    (folder / "meta.json").write_text(json.dumps(meta, indent=1))
 
 
 def find_dir(root: Path, candidates: Sequence[str], marker: Callable[[Path], bool], name: str, how: str) -> Path:
@@ -152,23 +171,36 @@ def _decode(args: tuple[str, int | None]) -> np.ndarray:
         return np.asarray(im, dtype=np.uint8).transpose(2, 0, 1)
 
 
-def decode_images(paths: Sequence[str], size: int | None) -> np.ndarray:
-    """Decode image files in parallel into one uint8 (N, 3, H, W) array (resize + centre crop to ``size``)."""
+def decode_images(paths: Sequence[str], size: int | None, out: Path | None = None) -> np.ndarray:
+    """Decode image files in parallel into one uint8 (N, 3, H, W) array (resize + centre crop to ``size``).
+
+    With ``out`` (and a fixed ``size``) images stream into a memory-mapped ``.npy`` file there, so a
+    dataset larger than RAM (ImageNet) decodes in constant memory.
+    """
     if not paths:
         raise DatasetNotFoundError("no image files found")
     workers = min(len(paths) // 2000 + 1, os.cpu_count() or 1)
-    if workers == 1:
-        images = [_decode((p, size)) for p in paths]
-    else:
-        with ProcessPoolExecutor(workers) as pool:
-            images = list(pool.map(_decode, [(p, size) for p in paths], chunksize=512))
+    jobs = [(p, size) for p in paths]
+    pool = ProcessPoolExecutor(workers) if workers > 1 else None
+    images = pool.map(_decode, jobs, chunksize=256) if pool else map(_decode, jobs)
+    try:
+        if out is not None and size is not None:
+            array = np.lib.format.open_memmap(out, mode="w+", dtype=np.uint8, shape=(len(paths), 3, size, size))
+            for i, im in enumerate(images):
+                array[i] = im
+            return array
+        images = list(images)
+    finally:
+        if pool:
+            pool.shutdown()
     shapes = {im.shape for im in images}
     if len(shapes) != 1:
         raise ValueError(f"images have different sizes {sorted(shapes)[:3]}; pass an image size to resize them")
     return np.stack(images)
 
 
-def scan_class_folders(folder: Path, classes: Sequence[str] | None = None, sub: str = "") -> tuple[list[str], list[int], list[str]]:
+def scan_class_folders(folder: Path, classes: Sequence[str] | None = None, sub: str = ""
+                       ) -> tuple[list[str], list[int], list[str]]:
     """ImageFolder layout ``folder/<class>/<sub>/*.jpg``; classes sorted unless given."""
     classes = list(classes) if classes is not None else sorted(d.name for d in folder.iterdir() if d.is_dir())
     paths, labels = [], []
@@ -179,16 +211,17 @@ def scan_class_folders(folder: Path, classes: Sequence[str] | None = None, sub: 
     return paths, labels, classes
 
 
-def _image_folder_split(folder: Path, size: int | None, classes: Sequence[str] | None = None, sub: str = ""):
+def _image_folder_split(folder: Path, size: int | None, classes: Sequence[str] | None = None, sub: str = "",
+                        out: Path | None = None):
     paths, labels, classes = scan_class_folders(folder, classes, sub)
-    return decode_images(paths, size), np.asarray(labels, dtype=np.int64), classes
+    return decode_images(paths, size, out), np.asarray(labels, dtype=np.int64), classes
 
 
 # ---------------------------------------------------------------------------------------------
 
 
 @IMAGE_DATASETS.register("digits")
-def load_digits(root: Path, download: bool, image_size: int | None):
+def load_digits(root: Path, download: bool, image_size: int | None, scratch: Path):
     """sklearn's bundled 8x8 handwritten digits (1,797 images), upsampled to 16x16, one channel.
 
     Always available (it ships inside scikit-learn): the embedded quick suite and the tests use it.
@@ -233,7 +266,7 @@ def _cifar_batches(folder: Path, names: Sequence[str]) -> tuple[np.ndarray, np.n
 
 
 @IMAGE_DATASETS.register("cifar10")
-def load_cifar10(root: Path, download: bool, image_size: int | None):
+def load_cifar10(root: Path, download: bool, image_size: int | None, scratch: Path):
     """CIFAR-10 (Krizhevsky, 2009): torchvision's ``cifar-10-batches-py`` or an ImageFolder copy
     (``train/<class>/*.jpg``, ``test/<class>/*.jpg``, e.g. ``../shared/data/cifar10-jpeg``)."""
     def is_folder(d: Path) -> bool:
@@ -262,7 +295,7 @@ def load_cifar10(root: Path, download: bool, image_size: int | None):
 
 
 @IMAGE_DATASETS.register("gtsrb")
-def load_gtsrb(root: Path, download: bool, image_size: int | None):
+def load_gtsrb(root: Path, download: bool, image_size: int | None, scratch: Path):
     """GTSRB (Stallkamp et al., 2012) in torchvision's layout: ``gtsrb/GTSRB/Training/<00000..00042>/*.ppm``,
     ``gtsrb/GTSRB/Final_Test/Images/*.ppm`` and ``gtsrb/GT-final_test.csv``. Resized to 32x32."""
     base = root / "gtsrb"
@@ -277,7 +310,8 @@ def load_gtsrb(root: Path, download: bool, image_size: int | None):
     )
     csv = base / "GT-final_test.csv"
     if not csv.is_file():
-        raise DatasetNotFoundError(f"GTSRB test labels {csv} not found; pass --download or copy GT-final_test.csv there")
+        raise DatasetNotFoundError(f"GTSRB test labels {csv} not found; pass --download or copy "
+                                   "GT-final_test.csv there")
     size = image_size or 32
     xtr, ytr, classes = _image_folder_split(base / "GTSRB" / "Training", size)
     rows = [line.split(";") for line in csv.read_text().splitlines()[1:] if line.strip()]
@@ -288,7 +322,7 @@ def load_gtsrb(root: Path, download: bool, image_size: int | None):
 
 
 @IMAGE_DATASETS.register("tiny-imagenet")
-def load_tiny_imagenet(root: Path, download: bool, image_size: int | None):
+def load_tiny_imagenet(root: Path, download: bool, image_size: int | None, scratch: Path):
     """Tiny-ImageNet-200 in its official layout: ``tiny-imagenet-200/{wnids.txt, train/<wnid>/images/,
     val/images/, val/val_annotations.txt}``; the labelled val split is the test set. 64x64."""
     base = root / "tiny-imagenet-200"
@@ -311,7 +345,7 @@ def load_tiny_imagenet(root: Path, download: bool, image_size: int | None):
 
 
 @IMAGE_DATASETS.register("imagenet")
-def load_imagenet(root: Path, download: bool, image_size: int | None):
+def load_imagenet(root: Path, download: bool, image_size: int | None, scratch: Path):
     """ImageNet-1k as ImageFolder (``imagenet/{train,val}/<wnid>/*.JPEG``), no download (licence).
 
     Decoded once at ``image_size`` (default 224: short side resized, centre-cropped) into a
@@ -323,6 +357,6 @@ def load_imagenet(root: Path, download: bool, image_size: int | None):
         f"(val sorted into class folders) under --data-root {root}/imagenet.",
     )
     size = image_size or 224
-    xtr, ytr, classes = _image_folder_split(base / "train", size)
-    xte, yte, _ = _image_folder_split(base / "val", size, classes)
+    xtr, ytr, classes = _image_folder_split(base / "train", size, out=scratch / "train_x.npy")
+    xte, yte, _ = _image_folder_split(base / "val", size, classes, out=scratch / "test_x.npy")
     return {"train_x": xtr, "train_y": ytr, "test_x": xte, "test_y": yte}, classes, str(base)

@@ -1,3 +1,4 @@
+import copy
 import os
 from pathlib import Path
 
@@ -23,14 +24,21 @@ def digits_task(runs_dir):
 
 
 @pytest.fixture(scope="session")
-def badnets_victim(digits_task, runs_dir):
-    """(attack, model, victim.json, dir) of a BadNets digits victim, trained once per session."""
+def trained_badnets_victim(digits_task, runs_dir):
     from attacks import create_attack
     from benchmarks.victims import get_victim
 
     attack = create_attack("badnets", seed=0)
     model, meta, d = get_victim(digits_task, attack, 0, runs_dir)
     return attack, model, meta, d
+
+
+@pytest.fixture
+def badnets_victim(trained_badnets_victim):
+    """(attack, model, victim.json, dir) of a BadNets digits victim, trained once per session; each test gets its
+    own copy of the model, so a defence that edits it in place cannot leak into another test."""
+    attack, model, meta, d = trained_badnets_victim
+    return attack, copy.deepcopy(model), meta, d
 
 
 class NoTestDataTask:

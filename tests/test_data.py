@@ -5,12 +5,11 @@ import pickle
 import numpy as np
 import pytest
 import torch
+from conftest import SHARED_DATA
 from PIL import Image
 
 from tasks.image_classification import ImageClassificationTask
 from tasks.image_data import CIFAR10_CLASSES, DatasetNotFoundError, load_image_dataset
-
-from conftest import SHARED_DATA
 
 
 def write_images(folder, n, size, colour, ext="png"):

@@ -1,5 +1,6 @@
 """End to end on sklearn's digits: victims, NFT, records, CLI, determinism, NaN handling."""
 
+import copy
 import json
 
 import pytest
@@ -55,18 +56,20 @@ def test_clean_split_is_disjoint_from_attacker_training(digits_task):
 
 def test_same_seed_same_record_numbers(digits_task, badnets_victim):
     attack, model, meta, _ = badnets_victim
-    import copy
-
     r1, _ = defend(digits_task, attack, copy.deepcopy(model), meta, "nft", {"steps": 30}, CleanBudget(0.05), seed=1)
     r2, _ = defend(digits_task, attack, copy.deepcopy(model), meta, "nft", {"steps": 30}, CleanBudget(0.05), seed=1)
     assert r1["after"] == r2["after"] and r1["defense_info"]["loss_trace"] == r2["defense_info"]["loss_trace"]
 
 
 def test_nan_loss_gives_an_error_record(digits_task, badnets_victim, monkeypatch):
-    attack, model, meta, _ = badnets_victim
+    attack, victim, meta, _ = badnets_victim
+    model = copy.deepcopy(victim)
     monkeypatch.setattr(type(digits_task), "mixup_loss", lambda self, m, b, a, g: m(b.inputs).sum() * float("nan"))
     record, purified = defend(digits_task, attack, model, meta, "nft", {"steps": 5}, CleanBudget(0.05), seed=0)
     assert record["status"] == "error" and "NonFiniteLossError" in record["error"] and purified is None
+    assert model.state_dict().keys() == victim.state_dict().keys()  # masks detached, weights restored
+    params = dict(model.named_parameters())
+    assert all(torch.equal(params[k], v) for k, v in victim.named_parameters())
 
 
 def test_cli_run_purify_and_blend(runs_dir, tmp_path, capsys, badnets_victim):
@@ -88,8 +91,8 @@ def test_cli_run_purify_and_blend(runs_dir, tmp_path, capsys, badnets_victim):
 
 
 def test_run_once_blend_victim_is_backdoored(runs_dir, tmp_path):
-    record = run_once(RunConfig(dataset="digits", attack="blend", defense="none"), Paths(runs_dir=runs_dir, device="cpu"),
-                      records_dir=tmp_path)
+    cfg = RunConfig(dataset="digits", attack="blend", defense="none")
+    record = run_once(cfg, Paths(runs_dir=runs_dir, device="cpu"), records_dir=tmp_path)
     assert record["status"] == "ok"
     assert record["before"]["clean_acc"] >= 0.9 and record["before"]["asr"] >= 0.9
     assert record["after"] == record["before"] and record["der"] == 0.5
@@ -115,3 +118,16 @@ def test_list_shows_registries(capsys):
     out = capsys.readouterr().out
     for name in ("image", "digits", "cifar10", "preact-resnet18", "badnets", "blend", "nft"):
         assert name in out
+
+
+def test_poisoned_training_batches_carry_the_trigger_and_the_target_label(digits_task):
+    from attacks import create_attack
+
+    train, idx = digits_task.attacker_train(create_attack("badnets"), seed=0)
+    assert len(idx) == round(0.1 * len(train)) and int(train.poisoned.sum()) == len(idx)
+    b = digits_task.make_batch(train, idx[:16], augment=False, generator=None)
+    assert (b.inputs[..., -3:, -3:] == 1).all() and (b.targets == 0).all()
+    clean_idx = torch.nonzero(~train.poisoned).flatten()[:64]
+    c = digits_task.make_batch(train, clean_idx, augment=False, generator=None)
+    assert not (c.inputs[..., -3:, -3:] == 1).flatten(1).all(1).any()
+    assert torch.equal(c.targets, digits_task.data.train.y[digits_task.attacker_idx][clean_idx])

@@ -90,7 +90,7 @@ def test_clamp_holds_layer_floors_and_noise_perturbs():
         for m in masks.masks:
             m.uniform_(-1, 2)
     masks.clamp_(floors, 1.0)
-    for m, lo in zip(masks.masks, floors):
+    for m, lo in zip(masks.masks, floors, strict=True):
         assert m.min() >= lo - 1e-7 and m.max() <= 1.0
     bn = masks.layers[0].module
     before_w, before_b = bn.weight.clone(), bn.bias.clone()

@@ -46,7 +46,7 @@ def test_safetensors_round_trip(tmp_path):
     assert json.loads((tmp_path / "checkpoint.json").read_text()) == {"hello": 1}
     fresh = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
     load_checkpoint(tmp_path / "model.safetensors", fresh)
-    for (k, v), (_, w) in zip(model.state_dict().items(), fresh.state_dict().items()):
+    for (k, v), (_, w) in zip(model.state_dict().items(), fresh.state_dict().items(), strict=True):
         assert torch.equal(v, w), k
 
 
@@ -60,7 +60,7 @@ def test_pickles_are_refused_and_never_executed(tmp_path):
 
     class Boom:
         def __reduce__(self):
-            return (exec, ("open(%r, 'w').write('pwned')" % str(tmp_path / "pwned"),))
+            return (exec, (f"open({str(tmp_path / 'pwned')!r}, 'w').write('pwned')",))
 
     raw = tmp_path / "evil.safetensors"
     raw.write_bytes(pickle.dumps(Boom(), protocol=2))
