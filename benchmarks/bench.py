@@ -31,9 +31,9 @@ def load_preset(preset: str) -> dict[str, Any]:
 
 
 def cells(grid: dict[str, Any]) -> list[RunConfig]:
-    out = []
-    for dataset, attack, defense, budget, seed in itertools.product(
-        grid["datasets"], grid["attacks"], grid["defenses"], grid["budgets"], grid["seeds"]
+    out = []  # victim-major order: every defence of one victim runs before the next victim is trained
+    for dataset, attack, seed, budget, defense in itertools.product(
+        grid["datasets"], grid["attacks"], grid["seeds"], grid["budgets"], grid["defenses"]
     ):
         out.append(RunConfig(
             task=grid.get("task", "image"), dataset=dataset, model=grid.get("model"), scale=grid.get("scale", "quick"),
@@ -68,11 +68,11 @@ def run_preset(preset: str, out: Path, paths: Paths) -> pd.DataFrame:
     todo = cells(grid)
     csv = out / "results.csv"
     if csv.is_file():
-        csv.unlink()  # rebuilt from this grid's runs
+        csv.unlink()  # rebuilt from this grid's records; finished cells are read back, not rerun
     for i, cfg in enumerate(todo, 1):
         budget = cfg.budget().describe()
         print(f"[{i}/{len(todo)}] {cfg.dataset} {cfg.attack} {cfg.defense} clean={budget} seed={cfg.seed}", flush=True)
-        run_once(cfg, paths, results_csv=csv, records_dir=out / "records")
+        run_once(cfg, paths, results_csv=csv, records_dir=out / "records", skip_done=True)
     df = pd.read_csv(csv, keep_default_na=True)[CSV_COLUMNS]
     table = markdown_table(df)
     atomic_write_text(out / "table.md", f"# {grid.get('name', preset)}\n\n{grid.get('description', '')}\n\n{table}")

@@ -61,14 +61,20 @@ class Paths:
     download: bool = False
 
 
+def run_config(task: Task, attack: Attack | None, defense: str, defense_params: dict[str, Any], budget: CleanBudget,
+               seed: int) -> dict[str, Any]:
+    """The resolved config of a run; its hash is the run id."""
+    return {"task": task.config(), "attack": attack.config() if attack else None, "defense": defense,
+            "defense_params": defense_params, "budget": budget.describe(), "seed": seed}
+
+
 def defend(task: Task, attack: Attack | None, model: nn.Module, victim: dict[str, Any], defense: str,
            defense_params: dict[str, Any], budget: CleanBudget, seed: int) -> tuple[dict[str, Any], nn.Module | None]:
     """Purify ``model`` with ``defense`` on the defender's clean split and build the run's record.
 
     Errors after set-up (NaN loss, out of memory) give a record with ``status: error``, not a number.
     """
-    config = {"task": task.config(), "attack": attack.config() if attack else None, "defense": defense,
-              "defense_params": defense_params, "budget": budget.describe(), "seed": seed}
+    config = run_config(task, attack, defense, defense_params, budget, seed)
     record: dict[str, Any] = {
         "run_id": config_hash(config), "status": "ok", "config": config, "victim_id": victim["victim_id"],
         "victim_train_time_s": victim["train_time_s"], "before": victim["metrics"], "versions": versions(),
@@ -92,18 +98,28 @@ def defend(task: Task, attack: Attack | None, model: nn.Module, victim: dict[str
 
 
 def run_once(cfg: RunConfig, paths: Paths, results_csv: str | os.PathLike | None = None,
-             records_dir: str | os.PathLike | None = "runs/records") -> dict[str, Any]:
-    """Run one cell; write ``records_dir/<run_id>.json`` and one row of ``results_csv``."""
+             records_dir: str | os.PathLike | None = "runs/records", skip_done: bool = False) -> dict[str, Any]:
+    """Run one cell; write ``records_dir/<run_id>.json`` and one row of ``results_csv``.
+
+    ``skip_done``: a cell whose record already exists with ``status: ok`` is not run again.
+    """
     budget = cfg.budget()
     DEFENSES.get(cfg.defense).make_config(cfg.defense_params)  # bad names/options fail before any work
     attack = create_attack(cfg.attack, seed=cfg.seed, **cfg.attack_params) if cfg.attack else None
     task = create_task(cfg.task, dataset=cfg.dataset, model=cfg.model, model_kwargs=cfg.model_kwargs, scale=cfg.scale,
                        data_root=paths.data_root, cache_dir=paths.runs_dir, device=paths.device,
                        download=paths.download)
-    model, victim, _ = get_victim(task, attack, cfg.seed, paths.runs_dir)
-    record, _ = defend(task, attack, model, victim, cfg.defense, cfg.defense_params, budget, cfg.seed)
+    done = None
     if records_dir is not None:
-        write_record(Path(records_dir) / f"{record['run_id']}.json", record)
+        run_id = config_hash(run_config(task, attack, cfg.defense, cfg.defense_params, budget, cfg.seed))
+        done = Path(records_dir) / f"{run_id}.json"
+    if skip_done and done is not None and done.is_file() and json.loads(done.read_text()).get("status") == "ok":
+        record = json.loads(done.read_text())
+    else:
+        model, victim, _ = get_victim(task, attack, cfg.seed, paths.runs_dir)
+        record, _ = defend(task, attack, model, victim, cfg.defense, cfg.defense_params, budget, cfg.seed)
+        if done is not None:
+            write_record(done, record)
     if results_csv is not None:
         append_csv_row(results_csv, record_row(record))
     return record
