@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test bench bench-all lint clean
+.PHONY: install test bench bench-all bench-gpu lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,7 +21,15 @@ bench: $(STAMP)
 	$(VENV)/bin/nftbench bench --preset quick --out results/quick
 
 bench-all: $(STAMP)
-	$(VENV)/bin/nftbench bench --preset paper --out results/paper
+	$(VENV)/bin/nftbench sweep benchmarks/configs/paper.yaml --out results/paper
+
+# GPU box: CIFAR-10 victim training throughput, then NFT, ANP and I-BAU wall times (defaults) on one victim.
+# Needs DATA_ROOT with CIFAR-10; the victim is trained once (SCALE=paper: ResNet-18) and cached under runs/.
+SCALE ?= paper
+bench-gpu: $(STAMP)
+	@test -n "$(DATA_ROOT)" || { echo "bench-gpu: set DATA_ROOT to the folder holding CIFAR-10"; exit 2; }
+	$(VENV)/bin/nftbench perf --dataset cifar10 --data-root "$(DATA_ROOT)" --device cuda --scale $(SCALE) \
+		--defenses nft,anp,i-bau --json results/perf/cifar10-$(SCALE)-cuda.json
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

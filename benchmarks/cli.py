@@ -81,9 +81,12 @@ def paths_of(args: argparse.Namespace) -> Paths:
 def cmd_list(args: argparse.Namespace) -> None:
     from tasks.image_data import IMAGE_DATASETS
     from tasks.image_models import IMAGE_MODELS
+    from tasks.point_data import POINTCLOUD_DATASETS
+    from tasks.point_models import POINTCLOUD_MODELS
 
     sections = {
         "tasks": TASKS.names(), "datasets (image)": IMAGE_DATASETS.names(), "models (image)": IMAGE_MODELS.names(),
+        "datasets (pointcloud)": POINTCLOUD_DATASETS.names(), "models (pointcloud)": POINTCLOUD_MODELS.names(),
         "attacks": [f"{n:10s} [{c.modality}] {c.paper}" for n, c in ATTACKS.items()],
         "defenses": [f"{n:10s} {s.paper}" for n, s in DEFENSES.items()],
     }
@@ -141,6 +144,31 @@ def cmd_bench(args: argparse.Namespace) -> None:
     run_preset(args.preset, Path(args.out), paths_of(args))
 
 
+def cmd_sweep(args: argparse.Namespace) -> None:
+    from benchmarks.sweep import load_sweep, run_sweep
+
+    grid = load_sweep(args.config)  # the whole grid is validated here, before any work
+    out = Path(args.out or Path("results") / grid["name"])
+    result = run_sweep(grid, out, paths_of(args), executor=args.executor, workers=args.workers,
+                       address=args.address, dry_run=args.dry_run)
+    if not args.dry_run and result.failed:
+        print(f"nftbench: {result.failed} cell(s) failed (status error in {out / 'results.csv'}; logs in "
+              f"{out / 'logs'}); rerun the same command to retry them", file=sys.stderr)
+        sys.exit(1)
+
+
+def cmd_leaderboard(args: argparse.Namespace) -> None:
+    from benchmarks.leaderboard import run
+
+    run(args)
+
+
+def cmd_perf(args: argparse.Namespace) -> None:
+    from benchmarks.perf import run_perf
+
+    run_perf(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nftbench", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -175,6 +203,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="results/quick")
     add_common(p)
     p.set_defaults(fn=cmd_bench)
+
+    p = sub.add_parser("sweep", help="run a YAML grid of cells (resumable; local or Ray executor)",
+                       description="Run every cell of a sweep YAML (a preset name or a path). Finished cells "
+                       "(status ok) are skipped, failed cells are recorded and retried on the next run.")
+    p.add_argument("config", help="quick | paper | path to a sweep YAML (see benchmarks/configs/)")
+    p.add_argument("--out", default=None, help="output folder (default: results/<grid name>)")
+    p.add_argument("--dry-run", action="store_true", help="print the cells, their hashes and a cost estimate")
+    p.add_argument("--executor", default="local", choices=["local", "ray"])
+    p.add_argument("--workers", default="auto",
+                   help="local executor: worker processes, or auto = one per visible GPU (1 on CPU)")
+    p.add_argument("--address", default=None,
+                   help="ray executor: cluster address (auto = the running cluster; default: a local Ray instance)")
+    add_common(p)  # --seed is unused here: the grid's seeds key sets the seeds
+    p.set_defaults(fn=cmd_sweep)
+
+    from benchmarks import leaderboard, perf
+
+    p = sub.add_parser("leaderboard", help="aggregate run records into per-dataset CSVs, LEADERBOARD.md and plots",
+                       description=leaderboard.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    leaderboard.add_arguments(p)
+    p.set_defaults(fn=cmd_leaderboard)
+
+    p = sub.add_parser("perf", help="victim training throughput and every defence's wall time on one victim",
+                       description=perf.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    perf.add_arguments(p)
+    p.set_defaults(fn=cmd_perf)
     return parser
 
 

@@ -130,16 +130,22 @@ def load_victim(victim_dir: str | os.PathLike, paths: Paths) -> tuple[Task, Atta
     d = Path(victim_dir)
     if not (d / "victim.json").is_file():
         raise CheckpointError(f"{d} is not a victim directory (no victim.json); train one with `nftbench train-victim`")
-    meta = json.loads((d / "victim.json").read_text())
-    tc = dict(meta["config"]["task"])
-    fingerprint = tc.pop("data_fingerprint")
-    task = create_task(tc.pop("task"), **tc, data_root=paths.data_root, cache_dir=paths.runs_dir,
-                       device=paths.device, download=paths.download)
+    try:  # a damaged or foreign victim.json (bad JSON, unknown keys, out-of-range values): one error naming it
+        meta = json.loads((d / "victim.json").read_text())
+        tc = dict(meta["config"]["task"])
+        fingerprint = tc.pop("data_fingerprint")
+        task = create_task(tc.pop("task"), **tc, data_root=paths.data_root, cache_dir=paths.runs_dir,
+                           device=paths.device, download=paths.download)
+        ac = meta["config"]["attack"]
+        attack = create_attack(ac.pop("name"), **ac) if ac else None
+    except FileNotFoundError:
+        raise  # the dataset is missing: its message says where to put it
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"{d / 'victim.json'} is not a valid victim config ({type(e).__name__}: {e}); "
+                              "restore the file or retrain the victim with `nftbench train-victim`") from e
     if task.config()["data_fingerprint"] != fingerprint:
         raise CheckpointError(f"the dataset found now (fingerprint {task.config()['data_fingerprint']}) is not the one "
                               f"this victim was trained on ({fingerprint}); point --data-root at that copy")
-    ac = meta["config"]["attack"]
-    attack = create_attack(ac.pop("name"), **ac) if ac else None
     model = load_checkpoint(d / "model.safetensors", task.build_model()).eval()
     return task, attack, model, meta
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,12 +32,32 @@ def victim_dir(runs_dir: str | os.PathLike, config: dict[str, Any]) -> Path:
     return Path(runs_dir) / "victims" / config_hash(config)
 
 
+@contextlib.contextmanager
+def victim_lock(d: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``<victims>/<hash>.lock`` so concurrent workers (processes, Ray tasks on a shared
+    file system) never train the same victim twice at once. ``flock`` is released by the kernel when its holder
+    exits, even on SIGKILL, so a dead worker leaves no stale lock (the empty lock file itself is harmless)."""
+    try:
+        import fcntl
+    except ImportError:  # no flock (Windows): no lock, as before
+        yield
+        return
+    d.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(d.parent / f"{d.name}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock
+
+
 def quiet() -> bool:
     return bool(os.environ.get("CI")) or os.environ.get("NFTBENCH_QUIET") == "1"
 
 
 def train_model(task: Task, split: Any, recipe: dict[str, Any], seed: int, desc: str = "train") -> nn.Module:
-    """Train a fresh model on ``split`` with the task's recipe (SGD; one-cycle or cosine schedule)."""
+    """Train a fresh model on ``split`` with the task's recipe: SGD (default) or Adam (``optimizer: adam``, beta1 =
+    ``momentum``); one-cycle, cosine, or step decay (``schedule: step``: lr x ``gamma`` every ``step_epochs``)."""
     torch.manual_seed(seed)
     model = task.build_model()
     model.train()
@@ -43,11 +65,18 @@ def train_model(task: Task, split: Any, recipe: dict[str, Any], seed: int, desc:
     n, bs = task.split_sizes(split), recipe["batch_size"]
     steps_per_epoch = max(1, n // bs) if n >= 2 * bs else 1
     total = recipe["epochs"] * steps_per_epoch
-    opt = torch.optim.SGD(model.parameters(), lr=recipe["lr"], momentum=recipe["momentum"],
-                          nesterov=recipe["nesterov"], weight_decay=recipe["weight_decay"])
+    if recipe.get("optimizer", "sgd") == "adam":
+        opt = torch.optim.Adam(model.parameters(), lr=recipe["lr"], betas=(recipe["momentum"], 0.999),
+                               weight_decay=recipe["weight_decay"])
+    else:
+        opt = torch.optim.SGD(model.parameters(), lr=recipe["lr"], momentum=recipe["momentum"],
+                              nesterov=recipe["nesterov"], weight_decay=recipe["weight_decay"])
     if recipe["schedule"] == "onecycle":
         sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=recipe["lr"], total_steps=total, pct_start=0.25,
                                                     anneal_strategy="linear", div_factor=10, final_div_factor=20)
+    elif recipe["schedule"] == "step":
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=recipe["step_epochs"] * steps_per_epoch,
+                                                gamma=recipe["gamma"])
     else:
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total)
     step = 0
@@ -74,10 +103,21 @@ def get_victim(task: Task, attack: Attack | None, seed: int, runs_dir: str | os.
     """Load the cached victim for this config, or train and cache it. Returns (model, victim.json, dir)."""
     config = victim_config(task, attack, seed)
     d = victim_dir(runs_dir, config)
-    if (d / "victim.json").is_file() and (d / "model.safetensors").is_file():
-        meta = json.loads((d / "victim.json").read_text())
-        model = load_checkpoint(d / "model.safetensors", task.build_model())
-        return model.eval(), meta, d
+    if not _cached(d):
+        with victim_lock(d):  # another worker may be training it: wait, then load its result
+            if not _cached(d):
+                return _train_victim(task, attack, seed, config, d)
+    meta = json.loads((d / "victim.json").read_text())
+    model = load_checkpoint(d / "model.safetensors", task.build_model())
+    return model.eval(), meta, d
+
+
+def _cached(d: Path) -> bool:
+    return (d / "victim.json").is_file() and (d / "model.safetensors").is_file()
+
+
+def _train_victim(task: Task, attack: Attack | None, seed: int, config: dict[str, Any], d: Path
+                  ) -> tuple[nn.Module, dict[str, Any], Path]:
     if task.device.type == "cuda":
         torch.cuda.synchronize(task.device)
     start = time.perf_counter()

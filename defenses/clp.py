@@ -22,7 +22,11 @@ ResNet-18, ResNet-50 and QuickResNet (conv -> max pool -> BN); the bound still h
 1-Lipschitz channel-wise maps. A BN that normalises a residual sum (PreAct-ResNet-18's block-input BNs and its final
 BN) has no direct conv; with ``pair_residual=True`` (default, the authors' behaviour: every BN gets a UCLC)
 it is paired with the conv that produced the sum's residual branch, the last matching conv before it, and
-these pairs are listed in ``info["residual_pairs"]``; ``pair_residual=False`` skips them.
+these pairs are listed in ``info["residual_pairs"]``; ``pair_residual=False`` skips them. A BN whose input
+is an ``nn.Linear``'s output (PointNet's classifier and T-Net MLPs) is a fully connected layer's BN, not a
+convolution's: it is left unpaired (listed in ``info["unpaired_bns"]``), never matched to an earlier conv that
+happens to have as many channels. For Conv1d models (PointNet's shared MLPs) the probe is
+``probe_batch x in_channels x probe_size`` (32 points) and each kernel is an ``(in_channels, 1)`` matrix.
 
 Deviations, and why: ``sqrt(running_var + eps)`` instead of the authors' ``sqrt(running_var)``, because
 that is the scale the BN applies (the difference is negligible); forward-order pairing instead of
@@ -91,8 +95,15 @@ def conv_bn_pairs(model: nn.Module, device: torch.device, probe_size: int = 32, 
             producer[id(out)] = producer[id(args[0])]
             alive.append(out)
 
+    def on_linear(m, _args, out):
+        producer[id(out)] = m  # a BN of a Linear's output (an MLP head, a T-Net) has no conv to pair with
+        alive.append(out)
+
     def on_bn(m, args, _out):
         direct = producer.get(id(args[0]))
+        if isinstance(direct, nn.Linear):
+            seen.append((m, None, False))
+            return
         conv = direct if direct is not None and direct.out_channels == m.num_features else None
         if conv is None:
             conv = next((c for c in reversed(executed) if c.out_channels == m.num_features), None)
@@ -106,6 +117,8 @@ def conv_bn_pairs(model: nn.Module, device: torch.device, probe_size: int = 32, 
             handles.append(m.register_forward_hook(on_bn))
         elif isinstance(m, CHANNELWISE):
             handles.append(m.register_forward_hook(on_channelwise))
+        elif isinstance(m, nn.Linear):
+            handles.append(m.register_forward_hook(on_linear))
     spatial = (probe_size,) * (first.weight.dim() - 2)
     probe = torch.full((probe_batch, first.in_channels, *spatial), 0.5, device=device, dtype=first.weight.dtype)
     was_training = model.training

@@ -1,0 +1,347 @@
+"""Sweeps: validation up front, plan and dry run, skip/resume (also after SIGKILL), failed cells as rows,
+bit-identical reruns, the victim lock, and the local (processes) and Ray executors.
+
+Victims here are untrained models written straight into a private victim cache (the sweep machinery does not
+care how good a victim is), so no test trains one and the file stays fast.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+from benchmarks.checkpoint import save_checkpoint
+from benchmarks.cli import main
+from benchmarks.run import Paths
+from benchmarks.sweep import (
+    SweepConfigError,
+    load_sweep,
+    plan_sweep,
+    rebuild_csv,
+    run_sweep,
+    unresolved_run_id,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+VOLATILE = {"started", "finished", "wall_time_s", "versions", "device"}
+
+
+def cheap_victim(task, attack, seed, runs_dir):
+    """An untrained model saved as the cached victim of (task, attack, seed): a sweep loads it, never trains."""
+    from benchmarks.victims import victim_config, victim_dir
+
+    config = victim_config(task, attack, seed)
+    d = victim_dir(runs_dir, config)
+    torch.manual_seed(seed)
+    model = task.build_model().eval()
+    meta = {"victim_id": d.name, "config": config, "metrics": task.evaluate(model, attack), "train_time_s": 0.0}
+    save_checkpoint(d, model, meta, sidecar_name="victim.json")
+    return d
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """A victim cache holding a (cheap) digits BadNets victim for seed 0."""
+    from attacks import create_attack
+    from tasks import create_task
+
+    d = tmp_path_factory.mktemp("sweep-runs")
+    task = create_task("image", dataset="digits", device="cpu", cache_dir=d)
+    cheap_victim(task, create_attack("badnets", seed=0), 0, d)
+    return d
+
+
+def grid_file(folder: Path, **overrides) -> Path:
+    grid = {"name": "t", "task": "image", "scale": "quick", "datasets": ["digits"], "attacks": ["badnets"],
+            "defenses": ["none", {"name": "nft", "steps": 30}], "budgets": [{"per_class": 1}], "seeds": [0]}
+    grid.update(overrides)
+    grid = {k: v for k, v in grid.items() if v is not None}
+    p = folder / "grid.yaml"
+    p.write_text(yaml.safe_dump(grid, sort_keys=False))
+    return p
+
+
+def records_of(out: Path) -> dict[str, dict]:
+    return {p.stem: json.loads(p.read_text()) for p in sorted((out / "records").glob("*.json"))}
+
+
+def stable(record: dict) -> dict:
+    """A record without timestamps and wall times."""
+    out = {k: v for k, v in record.items() if k not in VOLATILE}
+    if "defense_info" in out:
+        out["defense_info"] = {k: v for k, v in out["defense_info"].items() if k not in VOLATILE}
+    return out
+
+
+# ------------------------------------------------------------------------------------------- bad input
+@pytest.mark.parametrize("overrides, expected", [
+    ({"defences": ["nft"]}, "unknown key 'defences': did you mean 'defenses'?"),
+    ({"defenses": [{"name": "nft", "stepz": 3}]}, "defence 'nft' has no option(s) ['stepz']; valid: ["),
+    ({"defense_params": {"nft": {"steps": -1}}, "defenses": ["nft"]}, "nft steps and batch_size must be >= 1"),
+    ({"attack_params": {"badnets": {"poison_rate": 2}}}, "poison_rate must be in [0, 1], got 2"),
+    ({"attacks": ["badnetz"]}, "Did you mean 'badnets'"),
+    ({"defenses": ["nfts"]}, "Valid defences"),
+    ({"budgets": [{"val_frac": 2}]}, "clean fraction must be in (0, 1]"),
+    ({"budgets": [{"frac": 0.1}]}, "expected {val_frac: fraction} or {per_class: k}"),
+    ({"seeds": [-1]}, "seeds: expected integers >= 0"),
+    ({"scale": "huge"}, "scale: must be one of ['paper', 'quick']"),
+    ({"models": ["resnet-tiniest"]}, "unknown image model 'resnet-tiniest'"),
+    ({"datasets": "digits"}, "datasets: expected a non-empty list"),
+])
+def test_bad_sweep_config_is_one_clear_error_before_any_work(tmp_path, capsys, overrides, expected):
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as e:
+        main(["sweep", str(grid_file(tmp_path, **overrides)), "--out", str(out), "--runs-dir", str(tmp_path / "r"),
+              "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and expected in err and "nothing was run" in err
+    assert err.count("nftbench: error:") == 1
+    assert not out.exists() and not (tmp_path / "r").exists()  # validated before any work
+
+
+def test_every_problem_of_a_file_is_listed_at_once(tmp_path):
+    path = grid_file(tmp_path, defenses=[{"name": "nft", "steps": -1}, {"name": "ft", "nope": 1}],
+                     attack_params={"badnets": {"poison_rate": 2}}, extra=1)
+    with pytest.raises(SweepConfigError) as e:
+        load_sweep(path)
+    msg = str(e.value)
+    assert "4 problem(s)" in msg and "steps" in msg and "nope" in msg and "poison_rate" in msg and "'extra'" in msg
+    with pytest.raises(FileNotFoundError, match="presets: .*paper.*quick"):
+        load_sweep("no-such-preset")
+
+
+def test_presets_are_valid_and_paper_grid_is_the_papers():
+    from benchmarks.sweep import expand
+
+    quick = load_sweep("quick")
+    assert len(expand(quick)) == 8
+    paper = load_sweep("paper")
+    cfgs = expand(paper)
+    assert {c.defense for c in cfgs} == {"none", "nft", "ft", "fine-pruning", "anp", "i-bau", "clp"}
+    assert {c.attack for c in cfgs} == {"badnets", "blend"} and {c.seed for c in cfgs} == {0, 1, 2}
+    assert {c.model for c in cfgs} == {"preact-resnet18"} and {c.dataset for c in cfgs} == {
+        "cifar10", "gtsrb", "tiny-imagenet"}
+    assert {(c.val_frac, c.per_class) for c in cfgs} == {(0.01, None), (None, 1)}
+    assert paper["data_root"] == "${DATA_ROOT}"
+
+
+# ------------------------------------------------------------------------------------------- plan, dry run
+def test_dry_run_prints_cells_with_hashes_and_an_estimate(tmp_path, runs, capsys):
+    grid = grid_file(tmp_path, attacks=["badnets", "blend"])
+    out = tmp_path / "out"
+    main(["sweep", str(grid), "--dry-run", "--out", str(out), "--runs-dir", str(runs), "--device", "cpu"])
+    text = capsys.readouterr().out
+    plan = plan_sweep(load_sweep(grid), out, Paths(runs_dir=runs, device="cpu"), log=lambda s: None)
+    assert len(plan.cells) == 4 and len({c.run_id for c in plan.cells}) == 4
+    for c in plan.cells:
+        assert f"{c.run_id}  todo" in text
+    assert "victims: 2 (1 to train, 1 cached)" in text and "defence runs: 2" in text
+    assert "ESTIMATE" in text and "COST_TABLE" in text
+    assert not out.exists()
+
+
+# ------------------------------------------------------------------------------------------- runs and reruns
+def test_sweep_writes_records_csv_logs_then_skips_done_cells_and_is_bit_identical(tmp_path, runs, capsys):
+    grid = grid_file(tmp_path)
+    paths = Paths(runs_dir=runs, device="cpu")
+    out1, out2 = tmp_path / "a", tmp_path / "b"
+    res = run_sweep(load_sweep(grid), out1, paths, log=lambda s: None)
+    recs = records_of(out1)
+    assert len(recs) == 2 and all(r["status"] == "ok" for r in recs.values()), recs
+    df = pd.read_csv(out1 / "results.csv")
+    assert sorted(df.run_id) == sorted(recs) and list(df.status) == ["ok", "ok"] and res.failed == 0
+    assert list(df.defense) == ["none", "nft"] and (out1 / "table.md").is_file()
+    for run_id in recs:
+        log = (out1 / "logs" / f"{run_id}.log").read_text()
+        assert f"cell {run_id}" in log and "status: ok" in log
+
+    mtimes = {p.name: p.stat().st_mtime_ns for p in (out1 / "records").iterdir()}
+    main(["bench", "--preset", str(grid), "--out", str(out1), "--runs-dir", str(runs), "--device", "cpu"])
+    assert "2 done (skipped), 0 to run" in capsys.readouterr().out
+    assert {p.name: p.stat().st_mtime_ns for p in (out1 / "records").iterdir()} == mtimes
+    assert pd.read_csv(out1 / "results.csv").equals(df)
+
+    # same seed, same CPU, fresh output folder: the same numbers to the bit
+    run_sweep(load_sweep(grid), out2, paths, log=lambda s: None)
+    again = records_of(out2)
+    assert again.keys() == recs.keys()
+    for run_id, r in recs.items():
+        assert stable(again[run_id]) == stable(r)
+    assert recs[next(k for k, r in recs.items() if r["config"]["defense"] == "nft")]["defense_info"]["loss_trace"]
+
+
+def test_failed_cells_are_rows_with_their_error_and_the_sweep_goes_on(tmp_path, runs, monkeypatch, capsys):
+    import benchmarks.run as run_mod
+
+    real = run_mod.get_victim
+
+    def flaky(task, attack, seed, runs_dir):
+        if attack is not None and attack.name == "blend":
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(task, attack, seed, runs_dir)
+
+    monkeypatch.setattr(run_mod, "get_victim", flaky)
+    grid = grid_file(tmp_path, datasets=["digits", "cifar10"], attacks=["badnets", "blend"], defenses=["none"],
+                     data_root=str(tmp_path / "no-data"))
+    out = tmp_path / "out"
+    argv = ["sweep", str(grid), "--out", str(out), "--runs-dir", str(runs), "--device", "cpu"]
+    for _ in range(2):  # a rerun retries the failed cells and keeps one row per cell
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 1 and "3 cell(s) failed" in capsys.readouterr().err
+        df = pd.read_csv(out / "results.csv")
+        assert len(df) == 4 and df.run_id.is_unique
+        assert sorted(df.status) == ["error", "error", "error", "ok"]
+    by = {(r.dataset, r.attack): r for r in df.itertuples()}
+    assert by["digits", "badnets"].status == "ok"
+    assert "CUDA out of memory" in by["digits", "blend"].error
+    assert "CIFAR-10 not found" in by["cifar10", "badnets"].error
+    plan = plan_sweep(load_sweep(grid), out, Paths(runs_dir=runs, device="cpu"), log=lambda s: None)
+    unresolved = [c for c in plan.cells if c.status == "unresolved"]
+    assert {c.run_id for c in unresolved} == {unresolved_run_id(c.cfg) for c in unresolved}
+    assert {c.run_id for c in unresolved} <= set(df.run_id)
+    assert "Failed cells" in (out / "table.md").read_text()
+    rec = json.loads((out / "records" / f"{by['digits', 'blend'].run_id}.json").read_text())
+    assert rec["status"] == "error" and "RuntimeError" in rec["traceback"]
+
+
+def test_optional_datasets_are_skipped_when_absent(tmp_path, runs):
+    grid = grid_file(tmp_path, optional_datasets=["cifar10"], defenses=["none"], data_root=str(tmp_path / "none"))
+    notes = []
+    plan = plan_sweep(load_sweep(grid), tmp_path / "out", Paths(runs_dir=runs, device="cpu"), log=notes.append)
+    assert [c.cfg.dataset for c in plan.cells] == ["digits"] and "cifar10 not found" in plan.notes[0]
+
+
+def test_sigkill_mid_cell_then_rerun_skips_finished_and_reruns_the_interrupted(tmp_path, runs):
+    grid = grid_file(tmp_path, defenses=["none", {"name": "nft", "steps": 150}, {"name": "nft", "steps": 5}])
+    out = tmp_path / "out"
+    plan = plan_sweep(load_sweep(grid), out, Paths(runs_dir=runs, device="cpu"), log=lambda s: None)
+    first, second, third = (c.run_id for c in plan.cells)
+    cmd = [sys.executable, "-m", "benchmarks.cli", "sweep", str(grid), "--out", str(out), "--runs-dir", str(runs),
+           "--device", "cpu"]
+    env = {**os.environ, "NFTBENCH_QUIET": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    try:
+        while not (out / "logs" / f"{second}.log").is_file():  # the second cell has started
+            assert proc.poll() is None, proc.stderr.read().decode()
+            assert time.monotonic() < deadline, "the sweep did not reach its second cell"
+            time.sleep(0.02)
+        time.sleep(0.3)
+        assert proc.poll() is None, "the sweep finished before it could be killed"
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert set(records_of(out)) == {first}, "only the first cell had finished"
+    done = (out / "records" / f"{first}.json").stat().st_mtime_ns
+    finished = records_of(out)[first]["finished"]
+
+    main(cmd[3:])  # rerun to completion, in process
+    recs = records_of(out)
+    assert set(recs) == {first, second, third} and all(r["status"] == "ok" for r in recs.values())
+    assert (out / "records" / f"{first}.json").stat().st_mtime_ns == done and recs[first]["finished"] == finished
+    assert (out / "logs" / f"{first}.log").read_text().count("=== ") == 1  # not rerun
+    assert (out / "logs" / f"{second}.log").read_text().count("=== ") == 2  # interrupted, then rerun
+    df = pd.read_csv(out / "results.csv")
+    assert list(df.run_id) == [first, second, third] and list(df.status) == ["ok"] * 3
+    assert not list(out.rglob(".*.tmp*"))
+
+
+def test_csv_is_rebuilt_from_records_only(tmp_path):
+    (tmp_path / "records").mkdir()
+    (tmp_path / "records" / "broken.json").write_text('{"run_id": "bro')  # never happens (atomic), still safe
+    assert rebuild_csv(tmp_path, ["missing", "broken"]).read_text().count("\n") == 1  # header only
+
+
+# ------------------------------------------------------------------------------------------- concurrency
+def test_victim_lock_makes_concurrent_workers_train_once(tmp_path, monkeypatch):
+    import benchmarks.victims as victims
+    from attacks import create_attack
+    from tasks import create_task
+
+    calls = []
+
+    def slow_train(task, split, recipe, seed, desc="train"):
+        calls.append(threading.get_ident())
+        time.sleep(0.5)
+        torch.manual_seed(seed)
+        return task.build_model().eval()
+
+    monkeypatch.setattr(victims, "train_model", slow_train)
+    task = create_task("image", dataset="digits", device="cpu", cache_dir=tmp_path)
+    attack = create_attack("badnets", seed=3)
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(victims.get_victim(task, attack, 3, tmp_path)))
+               for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == 1 and len(results) == 3
+    assert len({r[2] for r in results}) == 1 and len({r[1]["created"] for r in results}) == 1
+
+
+def test_local_executor_with_two_worker_processes(tmp_path, runs):
+    grid = grid_file(tmp_path, defenses=["none", {"name": "nft", "steps": 5}])
+    out = tmp_path / "out"
+    res = run_sweep(load_sweep(grid), out, Paths(runs_dir=runs, device="cpu"), workers=2, log=lambda s: None)
+    assert res.failed == 0 and len(res.df) == 2
+    assert all((out / "logs" / f"{c.run_id}.log").is_file() for c in res.plan.cells)
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+def test_ray_executor_on_a_local_instance(tmp_path, runs, ray_local):
+    grid = grid_file(tmp_path, defenses=["none", {"name": "nft", "steps": 5}], datasets=["digits", "cifar10"],
+                     data_root=str(tmp_path / "no-data"))
+    out = tmp_path / "out"
+    res = run_sweep(load_sweep(grid), out, Paths(runs_dir=runs, device="cpu"), executor="ray", log=lambda s: None)
+    df = pd.read_csv(out / "results.csv")
+    assert len(df) == 4 and df.run_id.is_unique and res.failed == 2
+    assert sorted(df.status) == ["error", "error", "ok", "ok"]
+    assert set(df[df.status == "ok"].dataset) == {"digits"}
+    assert all((out / "logs" / f"{c.run_id}.log").is_file() for c in res.plan.cells)
+
+
+# ------------------------------------------------------------------------------------------- checkpoint configs
+@pytest.mark.parametrize("damage, expected", [
+    (lambda m: m["config"]["task"].update(colour=3), "unexpected keyword argument 'colour'"),
+    (lambda m: m["config"]["attack"].update(poison_rate=2), "poison_rate must be in [0, 1], got 2"),
+    (lambda m: m["config"]["attack"].update(sparkle=1), "has no parameter(s) ['sparkle']"),
+    (lambda m: m["config"].pop("task"), "KeyError"),
+    (None, "JSONDecodeError"),
+])
+def test_damaged_victim_config_is_one_clear_error(tmp_path, capsys, damage, expected):
+    from attacks import create_attack
+    from tasks import create_task
+
+    task = create_task("image", dataset="digits", device="cpu", cache_dir=tmp_path)
+    d = cheap_victim(task, create_attack("badnets", seed=0), 0, tmp_path)
+    meta = json.loads((d / "victim.json").read_text())
+    if damage is None:
+        (d / "victim.json").write_text('{"config": {"task"')
+    else:
+        damage(meta)
+        (d / "victim.json").write_text(json.dumps(meta))
+    with pytest.raises(SystemExit) as e:
+        main(["purify", "--victim", str(d), "--runs-dir", str(tmp_path), "--device", "cpu", "--set", "steps=1"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "is not a valid victim config" in err and expected in err
+    assert "retrain the victim" in err and "Traceback" not in err
