@@ -331,7 +331,7 @@ class PointCloudTask(Task):
         pick = torch.randperm(len(self.attacker_idx), generator=g)[: min(samples, len(self.attacker_idx))]
         pick = pick.sort().values
         recipe = {**self.recipe(), **({"epochs": epochs} if epochs else {})}
-        cfg = {"task": {k: v for k, v in self.config().items()}, "samples": samples, "recipe": recipe, "seed": seed}
+        cfg = {"task": self.config(), "samples": samples, "recipe": recipe, "seed": seed}
         folder = self.cache_dir / "surrogates" / self._key(cfg)
         model = self.build_model()
         if (folder / "model.safetensors").is_file():

@@ -20,7 +20,9 @@ Each network declares:
   ``nn.Linear(C, 512)``, the last Linear executed whose ``in_features`` is C (the T-Nets' own
   ``Linear(1024, 512)`` run earlier), which is what fine-pruning looks for;
 - ``mask_exclude``: the stem BN (the first shared-MLP layer's BN), as NFT leaves a ResNet's stem BN
-  unmasked. The T-Nets' BNs and the classifier's BNs are masked like any other BN.
+  unmasked. The T-Nets' BNs and the classifier's BNs are masked like any other BN (NFT masks every BN but the
+  stem's), so with the input T-Net on, its five BNs come first in module order and get NFT's highest layer
+  floors (0.49, 0.29, ...); ``pointnet`` has 16 masked BN layers, ``pointnet-small`` (no T-Nets) 6.
 - ``feature_tnet``: the feature-transform T-Net (or None), whose output the task regularises.
 """
 

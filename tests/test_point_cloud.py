@@ -17,6 +17,9 @@ from benchmarks.records import write_record
 from benchmarks.run import defend
 from benchmarks.victims import get_victim
 from defenses import DEFENSES, purify
+from defenses.clp import conv_bn_pairs
+from defenses.fine_pruning import channel_activations, find_head
+from defenses.masking import NeuronMasks
 from tasks import Batch, CleanBudget, create_task
 from tasks.point_data import (
     PROCEDURAL_FAMILIES,
@@ -252,7 +255,19 @@ def test_full_pointnet_and_feature_transform_regularizer(pc_task):
     assert reg > 0 and torch.allclose(loss, F.cross_entropy(model(x), y) + 0.001 * reg)
     a = torch.eye(5)[None] * 2
     assert torch.allclose(feature_transform_regularizer(a), torch.tensor(5 * 9.0))
-    assert model.get_submodule(model.feature_layer).conv.out_channels == 1024
+    # fine-pruning's head search: the classifier's first Linear reads the 1024 pooled channels, and it runs after
+    # the T-Nets' own Linear(1024, 512)
+    feature = model.get_submodule(model.feature_layer)
+    assert feature.conv.out_channels == 1024
+    clean = cpu_task.clean_split(CleanBudget(None, per_class=1), seed=0)
+    activation, linears = channel_activations(model, cpu_task, clean, feature, 64)
+    assert activation.shape == (1024,) and find_head(linears, 1024) is model.head[0].fc
+    pairs, unpaired = conv_bn_pairs(model, torch.device("cpu"))
+    assert len(pairs) == 11 and all(p.direct for p in pairs)  # 3 + 3 T-Net convs, 2 + 3 shared-MLP convs
+    assert len(unpaired) == 6  # the BNs after Linears: 2 per T-Net, 2 in the classifier
+    masks = NeuronMasks(model)
+    assert len(masks) == 16  # every BN but the stem's
+    masks.remove(fold=False)
 
 
 # --- victim and defences -----------------------------------------------------------------------------------
