@@ -82,6 +82,15 @@ COST_TABLE: dict[tuple[str, str], dict[str, tuple[float, float]]] = {
     ("tiny-imagenet", "paper"): {"cpu": (800_000, 12_000), "gpu": (2000, 60)},
     ("imagenet", "quick"): {"cpu": (2_000_000, 50_000), "gpu": (15_000, 300)},
     ("imagenet", "paper"): {"cpu": (20_000_000, 50_000), "gpu": (150_000, 300)},
+    # point clouds (tasks/point_cloud.py). procedural quick measured on the 2-core box (victim ~25 s, NFT's default
+    # 1,000 steps of 128 ~3-6 min); ModelNet includes the one-time mesh decode; GPU numbers are guesses (PointNet
+    # with T-Nets, 1024 points, ~10 ms per step of 32: 250 epochs of ModelNet40 = 73k steps)
+    ("procedural", "quick"): {"cpu": (30, 300), "gpu": (10, 10)},
+    ("procedural", "paper"): {"cpu": (30_000, 6000), "gpu": (150, 20)},
+    ("modelnet10", "quick"): {"cpu": (400, 300), "gpu": (40, 10)},
+    ("modelnet10", "paper"): {"cpu": (800_000, 6000), "gpu": (400, 30)},
+    ("modelnet40", "quick"): {"cpu": (900, 300), "gpu": (60, 10)},
+    ("modelnet40", "paper"): {"cpu": (2_000_000, 6000), "gpu": (900, 30)},
 }
 DEFAULT_COST = {"quick": {"cpu": (3600, 240), "gpu": (60, 10)}, "paper": {"cpu": (200_000, 3000), "gpu": (500, 20)}}
 DEFENSE_COST_FACTOR = {"none": 0.05, "nft": 1.0, "ft": 1.0, "fine-pruning": 1.5, "anp": 3.0, "i-bau": 2.0,

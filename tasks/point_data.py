@@ -245,7 +245,7 @@ def _is_modelnet(d: Path) -> bool:
 
 def _load_modelnet(version: str, root: Path, download: bool, num_points: int, scratch: Path):
     name = f"ModelNet{version}"
-    candidates = [root / name, root / name.lower(), root / f"modelnet{version}", root]
+    candidates = [root / name, root / name.lower(), root]
     if download and not any(_is_modelnet(d) for d in candidates):
         from torchvision.datasets.utils import download_and_extract_archive
 
