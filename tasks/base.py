@@ -9,11 +9,13 @@ This mirrors lm-evaluation-harness's task adapters and timm's ``create_model`` r
 from __future__ import annotations
 
 import difflib
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -206,3 +208,45 @@ def resolve_device(spec: str = "auto") -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError(f"--device {spec} asked for CUDA but no GPU is visible; use --device cpu or auto")
     return device
+
+
+def stratified_split(y: Tensor, fraction: float, seed: int) -> tuple[Tensor, Tensor]:
+    """Split indices into (rest, held-out) with ``fraction`` of each class held out (at least one)."""
+    g = torch.Generator().manual_seed(seed)
+    rest, held = [], []
+    for c in torch.unique(y):
+        idx = torch.nonzero(y == c).flatten()
+        idx = idx[torch.randperm(len(idx), generator=g)]
+        k = max(1, math.floor(fraction * len(idx) + 0.5))
+        held.append(idx[:k])
+        rest.append(idx[k:])
+    return torch.cat(rest).sort().values, torch.cat(held).sort().values
+
+
+def select_clean(y: Tensor, reserve_idx: Tensor, num_classes: int, budget: CleanBudget, seed: int) -> Tensor:
+    """The defender's clean indices (into the training set), drawn seeded from the reserve ``reserve_idx``:
+    ``budget.fraction`` of the whole training set (``len(y)``), or ``budget.per_class`` of each class."""
+    reserve_y = y[reserve_idx]
+    g = torch.Generator().manual_seed(seed)
+    if budget.per_class is not None:
+        picks = []
+        for c in range(num_classes):
+            pool = torch.nonzero(reserve_y == c).flatten()
+            if len(pool) < budget.per_class:
+                raise ValueError(f"the defender's reserve has only {len(pool)} samples of class {c}; "
+                                 f"lower --per-class below {budget.per_class}")
+            picks.append(pool[torch.randperm(len(pool), generator=g)[: budget.per_class]])
+        chosen = torch.cat(picks)
+    else:
+        n = max(1, round(budget.fraction * len(y)))
+        if n > len(reserve_y):
+            raise ValueError(f"--val-frac {budget.fraction} asks for {n} samples but the defender's reserve holds "
+                             f"{len(reserve_y)} ({len(reserve_y) / len(y):.0%} of train); lower it")
+        chosen = torch.randperm(len(reserve_y), generator=g)[:n]
+    return reserve_idx[chosen.sort().values]
+
+
+def beta_sample(alpha: float, generator: torch.Generator) -> float:
+    """lambda ~ Beta(alpha, alpha), reproducible from a torch generator."""
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+    return float(np.random.default_rng(seed).beta(alpha, alpha))

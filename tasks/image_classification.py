@@ -8,17 +8,25 @@ quantised to uint8, as an attacker's released dataset would be.
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from tasks.base import TASKS, Batch, CleanBudget, Task, autocast, resolve_device
+from tasks.base import (
+    TASKS,
+    Batch,
+    CleanBudget,
+    Task,
+    autocast,
+    beta_sample,
+    resolve_device,
+    select_clean,
+    stratified_split,
+)
 from tasks.image_data import ImageDataset, ImageSet, load_image_dataset
 from tasks.image_models import IMAGE_MODELS, ImageClassifier
 
@@ -144,24 +152,8 @@ class ImageClassificationTask(Task):
     def clean_split(self, budget: CleanBudget, seed: int) -> ImageSet:
         """The defender's clean data: ``fraction`` of the full training set, or ``per_class`` per class,
         drawn (seeded) from the reserve the attacker never trained on."""
-        y = self.data.train.y[self.reserve_idx]
-        g = torch.Generator().manual_seed(seed)
-        if budget.per_class is not None:
-            picks = []
-            for c in range(self.num_classes):
-                pool = torch.nonzero(y == c).flatten()
-                if len(pool) < budget.per_class:
-                    raise ValueError(f"the defender's reserve has only {len(pool)} samples of class {c}; "
-                                     f"lower --per-class below {budget.per_class}")
-                picks.append(pool[torch.randperm(len(pool), generator=g)[: budget.per_class]])
-            chosen = torch.cat(picks)
-        else:
-            n = max(1, round(budget.fraction * len(self.data.train)))
-            if n > len(y):
-                raise ValueError(f"--val-frac {budget.fraction} asks for {n} samples but the defender's reserve "
-                                 f"holds {len(y)} ({self.reserve_fraction:.0%} of train); lower it")
-            chosen = torch.randperm(len(y), generator=g)[:n]
-        return self.place(self.data.train.subset(self.reserve_idx[chosen.sort().values]))
+        chosen = select_clean(self.data.train.y, self.reserve_idx, self.num_classes, budget, seed)
+        return self.place(self.data.train.subset(chosen))
 
     # --- batches ------------------------------------------------------------------------------
     def augment(self, x: Tensor, generator: torch.Generator) -> Tensor:
@@ -273,22 +265,3 @@ class ImageClassificationTask(Task):
         if attack is not None:
             out["asr"], out["ra"] = hits / max(1, counted), robust / max(1, counted)
         return out
-
-
-def stratified_split(y: Tensor, fraction: float, seed: int) -> tuple[Tensor, Tensor]:
-    """Split indices into (rest, held-out) with ``fraction`` of each class held out (at least one)."""
-    g = torch.Generator().manual_seed(seed)
-    rest, held = [], []
-    for c in torch.unique(y):
-        idx = torch.nonzero(y == c).flatten()
-        idx = idx[torch.randperm(len(idx), generator=g)]
-        k = max(1, math.floor(fraction * len(idx) + 0.5))
-        held.append(idx[:k])
-        rest.append(idx[k:])
-    return torch.cat(rest).sort().values, torch.cat(held).sort().values
-
-
-def beta_sample(alpha: float, generator: torch.Generator) -> float:
-    """lambda ~ Beta(alpha, alpha), reproducible from a torch generator."""
-    seed = int(torch.randint(0, 2**62, (1,), generator=generator))
-    return float(np.random.default_rng(seed).beta(alpha, alpha))

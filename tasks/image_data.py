@@ -349,7 +349,8 @@ def load_imagenet(root: Path, download: bool, image_size: int | None, scratch: P
     """ImageNet-1k as ImageFolder (``imagenet/{train,val}/<wnid>/*.JPEG``), no download (licence).
 
     Decoded once at ``image_size`` (default 224: short side resized, centre-cropped) into a
-    memory-mapped cache of ~190 GB; training crops are random-resized crops of that.
+    memory-mapped cache of ~190 GB, streamed to disk while decoding. Training augmentation is the task's
+    batched pad-crop + flip on these 224x224 images (not torchvision's random-resized crop).
     """
     base = find_dir(
         root, ["imagenet", ""], lambda d: (d / "train").is_dir() and (d / "val").is_dir(), "ImageNet",

@@ -49,8 +49,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from tasks.base import TASKS, Batch, CleanBudget, Task, autocast, resolve_device
-from tasks.image_classification import beta_sample, stratified_split
+from tasks.base import (
+    TASKS,
+    Batch,
+    CleanBudget,
+    Task,
+    autocast,
+    beta_sample,
+    resolve_device,
+    select_clean,
+    stratified_split,
+)
 from tasks.point_data import PointDataset, PointSet, load_point_dataset, rotation_matrices
 from tasks.point_models import POINTCLOUD_MODELS, feature_transform_regularizer
 
@@ -165,24 +174,8 @@ class PointCloudTask(Task):
 
     def clean_split(self, budget: CleanBudget, seed: int) -> PointSet:
         """``fraction`` of the full training set, or ``per_class`` per class, from the defender's reserve."""
-        y = self.data.train.y[self.reserve_idx]
-        g = torch.Generator().manual_seed(seed)
-        if budget.per_class is not None:
-            picks = []
-            for c in range(self.num_classes):
-                pool = torch.nonzero(y == c).flatten()
-                if len(pool) < budget.per_class:
-                    raise ValueError(f"the defender's reserve has only {len(pool)} samples of class {c}; "
-                                     f"lower --per-class below {budget.per_class}")
-                picks.append(pool[torch.randperm(len(pool), generator=g)[: budget.per_class]])
-            chosen = torch.cat(picks)
-        else:
-            n = max(1, round(budget.fraction * len(self.data.train)))
-            if n > len(y):
-                raise ValueError(f"--val-frac {budget.fraction} asks for {n} samples but the defender's reserve "
-                                 f"holds {len(y)} ({self.reserve_fraction:.0%} of train); lower it")
-            chosen = torch.randperm(len(y), generator=g)[:n]
-        return self._train_on_device.subset(self.reserve_idx[chosen.sort().values])
+        chosen = select_clean(self.data.train.y, self.reserve_idx, self.num_classes, budget, seed)
+        return self._train_on_device.subset(chosen)
 
     # --- batches -------------------------------------------------------------------------------------
     def augment(self, x: Tensor, generator: torch.Generator) -> Tensor:
