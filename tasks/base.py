@@ -75,6 +75,62 @@ class Batch:
         return len(self.inputs)
 
 
+@dataclass
+class LabelledTensors:
+    """Inputs ``x`` (N, ...) and labels ``y`` (N,), on CPU or a device.
+
+    A poisoned training set keeps its clean inputs and marks the poisoned ones (``poisoned``, bool (N,));
+    their labels are already the attacker's, and ``trigger`` (the attack's ``apply``) is applied when a
+    batch is gathered, on the device. That equals baking the trigger into a copy, without the copy
+    (ImageNet-size data stays memory-mapped).
+    """
+
+    x: Tensor
+    y: Tensor
+    poisoned: Tensor | None = None
+    trigger: Callable[[Tensor], Tensor] | None = None
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def subset(self, idx: Tensor):
+        poisoned = None if self.poisoned is None else self.poisoned[idx.to(self.poisoned.device)]
+        return type(self)(self.x[idx.to(self.x.device)], self.y[idx.to(self.y.device)], poisoned, self.trigger)
+
+    def to(self, device: torch.device):
+        poisoned = None if self.poisoned is None else self.poisoned.to(device)
+        return type(self)(self.x.to(device), self.y.to(device), poisoned, self.trigger)
+
+
+class TensorBatches(ABC):
+    """``sample_batch`` / ``epoch_batches`` / ``iter_batches`` for tasks whose splits are
+    :class:`LabelledTensors`; the task supplies ``make_batch``."""
+
+    eval_batch_size = 1024
+
+    @abstractmethod
+    def make_batch(self, split: LabelledTensors, idx: Tensor, augment: bool, generator: torch.Generator | None
+                   ) -> Batch:
+        """The batch of ``split[idx]`` on the task's device (trigger on poisoned rows, then augmentation)."""
+
+    def sample_batch(self, split: LabelledTensors, batch_size: int, generator: torch.Generator,
+                     augment: bool = True) -> Batch:
+        idx = torch.randint(0, len(split), (batch_size,), generator=generator)
+        return self.make_batch(split, idx, augment, generator)
+
+    def epoch_batches(self, split: LabelledTensors, batch_size: int, generator: torch.Generator,
+                      augment: bool = True) -> Iterator[Batch]:
+        """One shuffled pass over ``split`` (the last partial batch is dropped when there are several)."""
+        perm = torch.randperm(len(split), generator=generator)
+        n = len(split) // batch_size * batch_size if len(split) >= 2 * batch_size else len(split)
+        for idx in perm[:n].split(batch_size):
+            yield self.make_batch(split, idx, augment, generator)
+
+    def iter_batches(self, split: LabelledTensors, batch_size: int | None = None) -> Iterator[Batch]:
+        for idx in torch.arange(len(split)).split(batch_size or self.eval_batch_size):
+            yield self.make_batch(split, idx, False, None)
+
+
 @dataclass(frozen=True)
 class CleanBudget:
     """How much clean data the defender gets: a fraction of the training set, or k per class."""

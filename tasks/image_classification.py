@@ -9,7 +9,6 @@ quantised to uint8, as an attacker's released dataset would be.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -21,6 +20,7 @@ from tasks.base import (
     Batch,
     CleanBudget,
     Task,
+    TensorBatches,
     autocast,
     beta_sample,
     resolve_device,
@@ -72,7 +72,7 @@ def to_uint8(x: Tensor) -> Tensor:
 
 
 @TASKS.register("image")
-class ImageClassificationTask(Task):
+class ImageClassificationTask(TensorBatches, Task):
     """Image classification adapter (NFT, ECCV 2024, Sec. 4: CIFAR-10, GTSRB, Tiny-ImageNet, ImageNet).
 
     ``reserve_fraction`` of the training set (stratified, fixed ``split_seed``) is held out for the
@@ -183,22 +183,6 @@ class ImageClassificationTask(Task):
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         return Batch(x, y)
-
-    def sample_batch(self, split: ImageSet, batch_size: int, generator: torch.Generator, augment: bool = True) -> Batch:
-        idx = torch.randint(0, len(split), (batch_size,), generator=generator)
-        return self.make_batch(split, idx, augment, generator)
-
-    def epoch_batches(self, split: ImageSet, batch_size: int, generator: torch.Generator,
-                      augment: bool = True) -> Iterator[Batch]:
-        """One shuffled pass over ``split`` (the last partial batch is dropped when there are several)."""
-        perm = torch.randperm(len(split), generator=generator)
-        n = len(split) // batch_size * batch_size if len(split) >= 2 * batch_size else len(split)
-        for idx in perm[:n].split(batch_size):
-            yield self.make_batch(split, idx, augment, generator)
-
-    def iter_batches(self, split: ImageSet, batch_size: int = 1024) -> Iterator[Batch]:
-        for idx in torch.arange(len(split)).split(batch_size):
-            yield self.make_batch(split, idx, False, None)
 
     # --- losses -------------------------------------------------------------------------------
     def loss(self, model: nn.Module, batch: Batch, label_smoothing: float = 0.0) -> Tensor:

@@ -20,9 +20,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import Tensor
 
-from tasks.base import Registry
+from tasks.base import LabelledTensors, Registry
 
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".JPEG")
@@ -32,31 +31,8 @@ class DatasetNotFoundError(FileNotFoundError):
     """A dataset is missing; the message says where it was looked for and how to get it."""
 
 
-@dataclass
-class ImageSet:
-    """Images as uint8 (N, C, H, W) and labels as int64 (N,), on CPU or a device.
-
-    A poisoned training set keeps its clean images and marks the poisoned ones (``poisoned``, bool (N,));
-    their labels are already the attacker's, and ``trigger`` (the attack's ``apply``) is applied when a
-    batch is gathered, on the device. That equals baking the trigger into a copy, without the copy
-    (ImageNet-size data stays memory-mapped).
-    """
-
-    x: Tensor
-    y: Tensor
-    poisoned: Tensor | None = None
-    trigger: Callable[[Tensor], Tensor] | None = None
-
-    def __len__(self) -> int:
-        return len(self.y)
-
-    def subset(self, idx: Tensor) -> ImageSet:
-        poisoned = None if self.poisoned is None else self.poisoned[idx.to(self.poisoned.device)]
-        return ImageSet(self.x[idx.to(self.x.device)], self.y[idx.to(self.y.device)], poisoned, self.trigger)
-
-    def to(self, device: torch.device) -> ImageSet:
-        poisoned = None if self.poisoned is None else self.poisoned.to(device)
-        return ImageSet(self.x.to(device), self.y.to(device), poisoned, self.trigger)
+class ImageSet(LabelledTensors):
+    """Images as uint8 (N, C, H, W) and labels as int64 (N,) (see :class:`tasks.base.LabelledTensors`)."""
 
 
 @dataclass

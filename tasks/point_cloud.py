@@ -41,7 +41,6 @@ import hashlib
 import json
 import math
 import os
-from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -54,6 +53,7 @@ from tasks.base import (
     Batch,
     CleanBudget,
     Task,
+    TensorBatches,
     autocast,
     beta_sample,
     resolve_device,
@@ -90,12 +90,14 @@ AUG_JITTER, AUG_CLIP = 0.01, 0.05
 
 
 @TASKS.register("pointcloud")
-class PointCloudTask(Task):
+class PointCloudTask(TensorBatches, Task):
     """Point-cloud classification adapter (see the module docstring).
 
     ``reserve_fraction`` of the training set (stratified, fixed ``split_seed``) is the defender's reserve; the
     attacker trains on the rest, as in the image task.
     """
+
+    eval_batch_size = 256
 
     name = "pointcloud"
 
@@ -202,22 +204,6 @@ class PointCloudTask(Task):
         if augment:
             x = self.augment(x, generator)
         return Batch(x.transpose(1, 2).contiguous(), y)
-
-    def sample_batch(self, split: PointSet, batch_size: int, generator: torch.Generator, augment: bool = True) -> Batch:
-        idx = torch.randint(0, len(split), (batch_size,), generator=generator)
-        return self.make_batch(split, idx, augment, generator)
-
-    def epoch_batches(self, split: PointSet, batch_size: int, generator: torch.Generator,
-                      augment: bool = True) -> Iterator[Batch]:
-        """One shuffled pass (the last partial batch is dropped when there are several)."""
-        perm = torch.randperm(len(split), generator=generator)
-        n = len(split) // batch_size * batch_size if len(split) >= 2 * batch_size else len(split)
-        for idx in perm[:n].split(batch_size):
-            yield self.make_batch(split, idx, augment, generator)
-
-    def iter_batches(self, split: PointSet, batch_size: int = 256) -> Iterator[Batch]:
-        for idx in torch.arange(len(split)).split(batch_size):
-            yield self.make_batch(split, idx, False, None)
 
     # --- losses ----------------------------------------------------------------------------------------
     def forward_with_regularizer(self, model: nn.Module, x: Tensor) -> tuple[Tensor, Tensor | None]:

@@ -37,37 +37,20 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from tasks.base import Registry
+from tasks.base import LabelledTensors, Registry
 
 
 class DatasetNotFoundError(FileNotFoundError):
     """A dataset is missing; the message says where it was looked for and how to get it."""
 
 
-@dataclass
-class PointSet:
+class PointSet(LabelledTensors):
     """Clouds as float32 (N, P, 3) and labels as int64 (N,), on CPU or a device.
 
     As ``ImageSet``: a poisoned training set keeps its clean clouds, marks the poisoned ones (``poisoned``, bool
     (N,)), holds the attacker's labels, and ``trigger`` (the attack's ``apply`` on (n, P, 3)) is applied when a
     batch is gathered.
     """
-
-    x: Tensor
-    y: Tensor
-    poisoned: Tensor | None = None
-    trigger: Callable[[Tensor], Tensor] | None = None
-
-    def __len__(self) -> int:
-        return len(self.y)
-
-    def subset(self, idx: Tensor) -> PointSet:
-        poisoned = None if self.poisoned is None else self.poisoned[idx.to(self.poisoned.device)]
-        return PointSet(self.x[idx.to(self.x.device)], self.y[idx.to(self.y.device)], poisoned, self.trigger)
-
-    def to(self, device: torch.device) -> PointSet:
-        poisoned = None if self.poisoned is None else self.poisoned.to(device)
-        return PointSet(self.x.to(device), self.y.to(device), poisoned, self.trigger)
 
 
 @dataclass
