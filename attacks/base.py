@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any, ClassVar
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from tasks.base import Registry
 
@@ -22,6 +22,9 @@ class Attack:
     ``mode``: ``all-to-one`` or ``all-to-all`` (label y -> (y + 1) mod C).
     ``poison_rate``: share of the attacker's training set that is poisoned (exact count, rounded).
     ``seed``: seeds the poison selection and any generated pattern.
+
+    ``clean_label`` attacks (SIG, CLB) poison only samples of the target class and keep their labels; ASR is
+    still measured on triggered samples of the other classes.
     """
 
     target: int = 0
@@ -32,6 +35,7 @@ class Attack:
     name: ClassVar[str] = ""
     modality: ClassVar[str] = ""
     paper: ClassVar[str] = ""
+    clean_label: ClassVar[bool] = False
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -43,6 +47,19 @@ class Attack:
 
     def config(self) -> dict[str, Any]:
         return {"name": self.name, **asdict(self)}
+
+    def train_victim(self, task: Any, split: Any, recipe: dict[str, Any], seed: int) -> nn.Module | None:
+        """The victim, for attacks that train their trigger jointly with it (Input-aware, LIRA); ``None``: the
+        task's recipe trains it on the poisoned ``split``."""
+        return None
+
+    def artifacts(self) -> dict[str, Tensor]:
+        """Tensors the trigger needs after training (a generator's weights), saved with the victim."""
+        return {}
+
+    def load_artifacts(self, tensors: dict[str, Tensor]) -> None:
+        if tensors:
+            raise ValueError(f"attack {self.name!r} saves no artifacts, got {sorted(tensors)}")
 
     def poison_label(self, y: Tensor, num_classes: int) -> Tensor:
         """The label the attacker wants for triggered inputs of true label ``y``."""
@@ -60,14 +77,19 @@ class Attack:
 def select_poison_indices(labels: Tensor, attack: Attack, generator: torch.Generator) -> Tensor:
     """Exactly ``round(poison_rate * N)`` indices, drawn without replacement from eligible samples.
 
-    Eligible: samples whose label is not the target (all-to-one dirty-label attacks), else all.
+    Eligible: samples of the target class (clean-label attacks); samples whose label is not the target
+    (all-to-one dirty-label attacks); else all.
     """
     n_poison = int(math.floor(attack.poison_rate * len(labels) + 0.5))
-    eligible = torch.nonzero(attack.counts_for_asr(labels.cpu())).flatten()
+    labels = labels.cpu()
+    if attack.clean_label:
+        eligible, what = torch.nonzero(labels == attack.target).flatten(), "of the target class"
+    else:
+        eligible, what = torch.nonzero(attack.counts_for_asr(labels)).flatten(), "not of the target class"
     if n_poison > len(eligible):
         raise ValueError(
             f"poison_rate {attack.poison_rate} asks for {n_poison} poisoned samples but only "
-            f"{len(eligible)} are eligible (not of the target class); lower --poison-rate"
+            f"{len(eligible)} are eligible ({what}); lower --poison-rate"
         )
     chosen = eligible[torch.randperm(len(eligible), generator=generator)[:n_poison]]
     return chosen.sort().values

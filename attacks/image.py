@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -14,12 +15,42 @@ POSITIONS = ("bottom-right", "bottom-left", "top-right", "top-left")
 
 
 class ImageAttack(Attack):
-    """Base for image attacks: ``apply`` adds the trigger to a batch."""
+    """Base for image attacks: ``apply`` adds the trigger to a batch of float images in [0, 1].
+
+    Hooks an attack overrides when its trigger is more than a fixed function of the image (the task adapter
+    and ``benchmarks/victims.py`` call them; the defaults give a plain poisoned-data attack):
+
+    - ``prepare(task)``: build what the trigger needs once, before poisoning or evaluation (Trojan's patch
+      optimised on a clean model, an encoder trained by the suite); auxiliary models are cached like victims
+      (``task.clean_model(seed)`` gives the cached benign model of the task's recipe).
+    - ``poison_batch(x, rows, generator)``: the attacker's training images as a batch is gathered (before the
+      crop/flip augmentation, as in the authors' pipelines): the trigger on the poisoned ``rows``; WaNet
+      also warps some clean rows with noise ("cross" samples).
+    - ``bakes_poison`` + ``poison_inputs(x, y)``: poisoned training images computed once instead (CLB's
+      adversarial perturbation), stored like a released poisoned dataset.
+    - ``train_victim`` / ``artifacts`` / ``load_artifacts`` (see :class:`attacks.base.Attack`): attacks that
+      train their trigger jointly with the victim (Input-aware, LIRA).
+    """
 
     modality = "image"
+    bakes_poison: ClassVar[bool] = False
 
     def apply(self, x: Tensor) -> Tensor:
         raise NotImplementedError
+
+    def prepare(self, task: Any) -> None:
+        """Build the trigger's auxiliary state for ``task``; called before every poisoning and evaluation, so it
+        must return at once when already prepared (no-op for fixed triggers)."""
+
+    def poison_batch(self, x: Tensor, rows: Tensor, generator: torch.Generator | None) -> Tensor:
+        """Training batch ``x`` (float, [0, 1]) with the trigger on the poisoned ``rows`` (bool mask)."""
+        if rows.any():
+            x[rows] = self.apply(x[rows])
+        return x
+
+    def poison_inputs(self, x: Tensor, y: Tensor) -> Tensor:
+        """The poisoned training images of ``x`` (true labels ``y``) when ``bakes_poison`` is set."""
+        return self.apply(x)
 
 
 @ATTACKS.register("badnets")

@@ -38,12 +38,14 @@ def add_common(p: argparse.ArgumentParser) -> None:
 
 def add_victim_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--task", default="image")
-    p.add_argument("--dataset", default="digits")
+    p.add_argument("--dataset", default=None, help="default: the task's embedded dataset (image: digits, "
+                   "pointcloud: procedural)")
     p.add_argument("--model", default=None, help="default: the dataset's model for --scale")
     p.add_argument("--model-param", action="append", metavar="KEY=VALUE",
                    help="model option, repeatable (e.g. width=0.5, pretrained=/path/resnet50.pth)")
     p.add_argument("--scale", default="quick", choices=["quick", "paper"])
-    p.add_argument("--attack", default="badnets", help="a registered attack, or 'none' for a benign model")
+    p.add_argument("--attack", default=None, help="a registered attack of the task's modality, or 'none' for a "
+                   "benign model (default: image badnets, pointcloud pointba-i)")
     p.add_argument("--poison-rate", type=float, default=None)
     p.add_argument("--target", type=int, default=None)
     p.add_argument("--all-to-all", action="store_true")
@@ -235,6 +237,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
+        if getattr(args, "task", None) is not None and hasattr(args, "dataset"):
+            task_cls = TASKS.get(args.task)
+            args.dataset = args.dataset or task_cls.default_dataset
+            if hasattr(args, "attack"):
+                args.attack = args.attack or task_cls.default_attack
         args.fn(args)
     except (KeyError, ValueError, FileNotFoundError, RuntimeError, FloatingPointError, pickle.UnpicklingError) as e:
         print(f"nftbench: error: {e}", file=sys.stderr)

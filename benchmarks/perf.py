@@ -246,10 +246,10 @@ def run_perf(args: argparse.Namespace) -> dict[str, Any]:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--task", default="image")
-    p.add_argument("--dataset", default="digits")
+    p.add_argument("--dataset", default=None, help="default: the task's embedded dataset")
     p.add_argument("--model", default=None, help="default: the dataset's model for --scale")
     p.add_argument("--scale", default="quick", choices=["quick", "paper"])
-    p.add_argument("--attack", default="badnets", help="the victim's attack, or 'none' (default: badnets)")
+    p.add_argument("--attack", default=None, help="the victim's attack, or 'none' (default: the task's, e.g. badnets)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--val-frac", type=float, default=0.01, help="clean data as a fraction of train (default 0.01)")
     g.add_argument("--per-class", type=int, default=None, help="clean samples per class")

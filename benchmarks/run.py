@@ -23,7 +23,7 @@ from benchmarks.records import (
     versions,
     write_record,
 )
-from benchmarks.victims import get_victim
+from benchmarks.victims import get_victim, load_attack_artifacts
 from defenses import DEFENSES, purify
 from tasks import CleanBudget, Task, create_task
 
@@ -147,6 +147,7 @@ def load_victim(victim_dir: str | os.PathLike, paths: Paths) -> tuple[Task, Atta
         raise CheckpointError(f"the dataset found now (fingerprint {task.config()['data_fingerprint']}) is not the one "
                               f"this victim was trained on ({fingerprint}); point --data-root at that copy")
     model = load_checkpoint(d / "model.safetensors", task.build_model()).eval()
+    load_attack_artifacts(attack, d)
     return task, attack, model, meta
 
 

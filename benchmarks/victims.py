@@ -11,16 +11,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
 from attacks.base import Attack
-from benchmarks.checkpoint import load_checkpoint, save_checkpoint
+from benchmarks.checkpoint import load_checkpoint, load_state, save_checkpoint
 from benchmarks.records import config_hash, device_name, versions
 from defenses.base import check_finite
 from tasks.base import Task
 
 VICTIM_FORMAT = 1
+ATTACK_ARTIFACTS = "attack.safetensors"
 
 
 def victim_config(task: Task, attack: Attack | None, seed: int) -> dict[str, Any]:
@@ -101,6 +103,7 @@ def train_model(task: Task, split: Any, recipe: dict[str, Any], seed: int, desc:
 def get_victim(task: Task, attack: Attack | None, seed: int, runs_dir: str | os.PathLike = "runs"
                ) -> tuple[nn.Module, dict[str, Any], Path]:
     """Load the cached victim for this config, or train and cache it. Returns (model, victim.json, dir)."""
+    task.check_attack(attack)
     config = victim_config(task, attack, seed)
     d = victim_dir(runs_dir, config)
     if not _cached(d):
@@ -109,7 +112,23 @@ def get_victim(task: Task, attack: Attack | None, seed: int, runs_dir: str | os.
                 return _train_victim(task, attack, seed, config, d)
     meta = json.loads((d / "victim.json").read_text())
     model = load_checkpoint(d / "model.safetensors", task.build_model())
+    load_attack_artifacts(attack, d)
     return model.eval(), meta, d
+
+
+def load_attack_artifacts(attack: Attack | None, d: Path) -> None:
+    """Restore an attack's trained trigger state (``attack.safetensors``) saved with the victim in ``d``."""
+    if attack is None:
+        return
+    path = d / ATTACK_ARTIFACTS
+    attack.load_artifacts(load_state(path) if path.is_file() else {})
+
+
+def clean_model(task: Task, seed: int) -> nn.Module:
+    """The task's benign model (its recipe, the attacker's clean training split), cached like a victim under the
+    task's cache dir: the clean model attacks such as Trojan and CLB optimise their triggers against."""
+    model, _, _ = get_victim(task, None, seed, task.cache_dir)
+    return model
 
 
 def _cached(d: Path) -> bool:
@@ -123,7 +142,9 @@ def _train_victim(task: Task, attack: Attack | None, seed: int, config: dict[str
     start = time.perf_counter()
     train, poisoned = task.attacker_train(attack, seed)
     name = attack.name if attack else "benign"
-    model = train_model(task, train, task.recipe(), seed, desc=f"victim {name}")
+    model = attack.train_victim(task, train, task.recipe(), seed) if attack is not None else None
+    if model is None:
+        model = train_model(task, train, task.recipe(), seed, desc=f"victim {name}")
     if task.device.type == "cuda":
         torch.cuda.synchronize(task.device)
     train_time = time.perf_counter() - start
@@ -138,5 +159,11 @@ def _train_victim(task: Task, attack: Attack | None, seed: int, config: dict[str
         "device": device_name(task.device), "versions": versions(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
+    artifacts = attack.artifacts() if attack is not None else {}
+    if artifacts:  # before the victim files: a victim counts as cached only once both exist
+        d.mkdir(parents=True, exist_ok=True)
+        tmp = d / f".{ATTACK_ARTIFACTS}.tmp{os.getpid()}"
+        save_file({k: v.detach().cpu().contiguous() for k, v in artifacts.items()}, str(tmp))
+        os.replace(tmp, d / ATTACK_ARTIFACTS)
     save_checkpoint(d, model, meta, sidecar_name="victim.json")
     return model, meta, d

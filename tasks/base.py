@@ -13,7 +13,7 @@ import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from typing import Any, ClassVar, Generic, TypeVar
 
 import numpy as np
 import torch
@@ -88,7 +88,7 @@ class LabelledTensors:
     x: Tensor
     y: Tensor
     poisoned: Tensor | None = None
-    trigger: Callable[[Tensor], Tensor] | None = None
+    trigger: Callable[..., Tensor] | None = None
 
     def __len__(self) -> int:
         return len(self.y)
@@ -153,12 +153,15 @@ class CleanBudget:
 class Task(ABC):
     """Protocol every modality implements. Splits are task-specific opaque objects.
 
-    Attributes set by the adapter: ``name``, ``num_classes``, ``device``.
+    Attributes set by the adapter: ``name``, ``num_classes``, ``device``; the CLI's defaults
+    ``default_dataset`` (embedded, needs no files) and ``default_attack``.
     """
 
     name: str
     num_classes: int
     device: torch.device
+    default_dataset: ClassVar[str]
+    default_attack: ClassVar[str]
 
     # --- model and data -------------------------------------------------------------------
     @abstractmethod
@@ -181,6 +184,11 @@ class Task(ABC):
     @abstractmethod
     def attacker_train(self, attack: Any, seed: int) -> tuple[Any, Tensor]:
         """The attacker's (poisoned) training split and the indices it poisoned."""
+
+    @abstractmethod
+    def check_attack(self, attack: Any) -> None:
+        """Refuse an attack of another modality (one clear error) and prepare its trigger (fitted locations,
+        auxiliary models) before poisoning, evaluation or loading a cached victim. ``None``: a benign model."""
 
     @abstractmethod
     def clean_split(self, budget: CleanBudget, seed: int) -> Any:
@@ -223,6 +231,19 @@ class Task(ABC):
     @abstractmethod
     def feature_layer(self, model: nn.Module) -> nn.Module:
         """The last feature layer (its output channels are what fine-pruning prunes)."""
+
+    def attention_layers(self, model: nn.Module, count: int = 3) -> list[nn.Module]:
+        """Up to ``count`` intermediate layers, shallow to deep, whose outputs (N, C, ...) NAD distils.
+
+        Default: the feature layer and the ``count - 1`` modules registered just before it in its parent, i.e.
+        a ResNet's last residual stages (NAD's residual-group outputs) or PointNet's last shared-MLP layers.
+        Assumes the parent registers its children in forward order (every model here does); override otherwise.
+        """
+        layer = self.feature_layer(model)
+        name = next(n for n, m in model.named_modules() if m is layer)
+        siblings = list(model.get_submodule(name.rpartition(".")[0]).children())
+        i = next(k for k, m in enumerate(siblings) if m is layer)
+        return siblings[max(0, i - count + 1): i + 1]
 
     # --- evaluation (the runner's, never a defence's) ----------------------------------------
     @abstractmethod

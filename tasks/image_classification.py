@@ -9,6 +9,7 @@ quantised to uint8, as an attacker's released dataset would be.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -81,6 +82,8 @@ class ImageClassificationTask(TensorBatches, Task):
     """
 
     name = "image"
+    default_dataset = "digits"
+    default_attack = "badnets"
 
     def __init__(
         self, dataset: str = "digits", model: str | None = None, scale: str = "quick",
@@ -102,6 +105,7 @@ class ImageClassificationTask(TensorBatches, Task):
         self.num_classes = self.data.num_classes
         self.reserve_fraction = reserve_fraction or RESERVE_FRACTION.get(dataset, DEFAULT_RESERVE)
         self.split_seed = split_seed
+        self.cache_dir = Path(cache_dir)
         self.attacker_idx, self.reserve_idx = stratified_split(self.data.train.y, self.reserve_fraction, split_seed)
         self.large = self.data.train.x.numel() > 8e9  # ImageNet: keep on CPU (memory-mapped)
         self.test = self.data.test if self.large else self.data.test.to(self.device)
@@ -134,10 +138,25 @@ class ImageClassificationTask(TensorBatches, Task):
     def place(self, split: ImageSet) -> ImageSet:
         return split if self.large else split.to(self.device)
 
+    def check_attack(self, attack: Attack | None) -> None:
+        """Image attacks only, prepared for this task (``attack.prepare``: optimised patches, trained encoders;
+        a no-op once done)."""
+        if attack is None:
+            return
+        if getattr(attack, "modality", None) != "image":
+            kind = getattr(attack, "modality", None) or "non-image"
+            raise ValueError(f"attack {attack.name!r} is a {kind} attack; the image task takes image attacks "
+                             "(see `nftbench list --attacks`)")
+        attack.prepare(self)
+
     def attacker_train(self, attack: Attack | None, seed: int) -> tuple[ImageSet, Tensor]:
-        """The attacker's training set, poisoned by ``attack`` (exact, seeded); and the poisoned indices."""
+        """The attacker's training set, poisoned by ``attack`` (exact, seeded); and the poisoned indices.
+
+        The trigger is applied as batches are gathered (``attack.poison_batch``), or, for attacks whose
+        poisoned images are computed once (``bakes_poison``: CLB), written into a copy of the training images."""
         from attacks.base import select_poison_indices
 
+        self.check_attack(attack)
         train = self.data.train.subset(self.attacker_idx)
         if attack is None or attack.poison_rate == 0:
             return self.place(train), torch.empty(0, dtype=torch.long)
@@ -147,7 +166,13 @@ class ImageClassificationTask(TensorBatches, Task):
         y[idx] = attack.poison_label(y[idx], self.num_classes)
         poisoned = torch.zeros(len(y), dtype=torch.bool)
         poisoned[idx] = True
-        return self.place(ImageSet(train.x, y, poisoned, attack.apply)), idx
+        if not attack.bakes_poison:
+            return self.place(ImageSet(train.x, y, poisoned, attack.poison_batch)), idx
+        x = train.x.clone()
+        for chunk in idx.split(self.eval_batch_size):
+            rows = to_float(x[chunk].to(self.device))
+            x[chunk] = to_uint8(attack.poison_inputs(rows, train.y[chunk].to(self.device))).to(x.device)
+        return self.place(ImageSet(x, y, poisoned, None)), idx
 
     def clean_split(self, budget: CleanBudget, seed: int) -> ImageSet:
         """The defender's clean data: ``fraction`` of the full training set, or ``per_class`` per class,
@@ -173,10 +198,9 @@ class ImageClassificationTask(TensorBatches, Task):
     def make_batch(self, split: ImageSet, idx: Tensor, augment: bool, generator: torch.Generator | None) -> Batch:
         x = split.x[idx.to(split.x.device)].to(self.device, non_blocking=True)
         y = split.y[idx.to(split.y.device)].to(self.device, non_blocking=True)
-        if split.poisoned is not None:
+        if split.trigger is not None:  # trigger first, stored as uint8 like a released poisoned image; then augment
             rows = split.poisoned[idx.to(split.poisoned.device)].to(self.device)
-            if rows.any():  # trigger first, stored as uint8 like a released poisoned image; then augment
-                x[rows] = to_uint8(split.trigger(to_float(x[rows])))
+            x = to_uint8(split.trigger(to_float(x), rows, generator))
         if augment:
             x = self.augment(x, generator)
         x = to_float(x)
@@ -229,6 +253,7 @@ class ImageClassificationTask(TensorBatches, Task):
     def evaluate(self, model: nn.Module, attack: Attack | None) -> dict[str, float | None]:
         """C-ACC on the whole clean test set; ASR and RA on triggered test images whose true label is
         not the target (all-to-one), all images for all-to-all (BackdoorBench conventions)."""
+        self.check_attack(attack)
         was_training = model.training
         model.eval()
         correct = hits = robust = counted = 0

@@ -100,6 +100,8 @@ class PointCloudTask(TensorBatches, Task):
     eval_batch_size = 256
 
     name = "pointcloud"
+    default_dataset = "procedural"
+    default_attack = "pointba-i"
 
     def __init__(
         self, dataset: str = "procedural", model: str | None = None, scale: str = "quick",

@@ -6,11 +6,13 @@ i.i.d. samples of the surface), saved as ``.npy`` under ``<cache_dir>/datasets/<
 ``allow_pickle=False``. Nothing is downloaded unless the caller passes ``download=True``.
 
 - ``modelnet40`` / ``modelnet10`` (Wu et al., "3D ShapeNets", CVPR 2015): the official layout
-  ``ModelNet40/<class>/{train,test}/*.off`` under the data root (classes sorted by name, 40 / 10 of them).
-  Meshes are read by a small OFF parser of this module (no torch-geometric needed) and P points are sampled
-  on their triangles with probability proportional to area (uniform on the surface), seeded per file, the
-  procedure of torch-geometric's ``SamplePoints``. torch-geometric is only used, when installed, for its
-  download URL; the archive is fetched with torchvision's ``download_and_extract_archive``.
+  ``ModelNet40/<class>/{train,test}/*.off`` under the data root (classes sorted by name, 40 / 10 of them), or
+  torch-geometric's ``ModelNet40/raw/<class>/...``. Meshes are read with torch-geometric's ``read_off`` and P
+  points sampled with its ``SamplePoints`` (area-weighted, uniform on the surface), seeded per file. Not its
+  ``ModelNet`` dataset class: that stores and reloads its processed meshes as pickles (``torch.save``), and the
+  suite never unpickles files it finds in a user's folder; nor ``NormalizeScale`` (a unit cube): clouds go to
+  the unit sphere as PointNet++ and the procedural set, which the triggers' sizes assume. The archive is
+  downloaded (only with ``download=True``) from torch-geometric's URL with torchvision's extractor.
 - ``procedural`` (the embedded default; no files): ten shape families, sphere, cube (box), cylinder, cone,
   torus, pyramid, ellipsoid, capsule, disc and helix (spring), sampled uniformly on their surfaces, with
   random proportions per sample (anisotropic only within ranges that keep the families apart, e.g. a
@@ -126,100 +128,61 @@ def normalize_unit_sphere(x: np.ndarray | Tensor):
 
 
 # --------------------------------------------------------------------------------------------- OFF meshes
-def read_off(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
-    """Vertices (V, 3) float64 and triangles (T, 3) int64 of an OFF file; polygons are fan-triangulated.
-
-    Accepts ModelNet's quirk of counts glued to the header (``OFF490 518 0``) and ``#`` comment lines.
-    """
-    text = Path(path).read_text(errors="replace")
-    tokens = " ".join(line.split("#", 1)[0] for line in text.splitlines()).split()
-    if not tokens or not tokens[0].startswith("OFF"):
-        raise ValueError(f"{path}: not an OFF file (first token {tokens[0] if tokens else 'none'!r})")
-    if tokens[0] == "OFF":
-        counts, i = tokens[1:4], 4
-    else:  # "OFF490 518 0"
-        counts, i = [tokens[0][3:], *tokens[1:3]], 3
+def require_torch_geometric():
     try:
-        nv, nf = int(counts[0]), int(counts[1])
-        verts = np.asarray(tokens[i : i + 3 * nv], dtype=np.float64).reshape(nv, 3)
-    except (ValueError, IndexError) as e:
-        raise ValueError(f"{path}: malformed OFF header or vertex list ({e})") from e
-    rest = tokens[i + 3 * nv :]
-    tris = None
-    if len(rest) >= 4 * nf:
-        try:
-            faces = np.asarray(rest[: 4 * nf], dtype=np.int64).reshape(nf, 4)
-            if (faces[:, 0] == 3).all():
-                tris = faces[:, 1:]
-        except ValueError:
-            tris = None
-    if tris is None:  # general polygons: "n i1 ... in", fan-triangulated
-        out, j = [], 0
-        for _ in range(nf):
-            n = int(rest[j])
-            idx = [int(t) for t in rest[j + 1 : j + 1 + n]]
-            out += [(idx[0], idx[k], idx[k + 1]) for k in range(1, n - 1)]
-            j += 1 + n
-        tris = np.asarray(out, dtype=np.int64).reshape(-1, 3)
-    if nv == 0:
-        raise ValueError(f"{path}: mesh has no vertices")
-    if len(tris) and (tris.min() < 0 or tris.max() >= nv):
-        raise ValueError(f"{path}: face index out of range (mesh has {nv} vertices)")
-    return verts, tris
+        import torch_geometric  # noqa: F401
+    except ImportError as e:
+        raise ImportError("reading ModelNet meshes needs torch-geometric: pip install 'nftbench[pointcloud]' "
+                          "(or pip install torch-geometric)") from e
 
 
-def sample_surface(verts: np.ndarray, tris: np.ndarray, num_points: int, rng: np.random.Generator) -> np.ndarray:
-    """``num_points`` points uniform on the mesh surface: a triangle per point with probability proportional to
-    its area, then a uniform point in it (reflected barycentric coordinates). A mesh without area gives
-    vertices drawn uniformly."""
-    if len(tris):
-        a, b, c = verts[tris[:, 0]], verts[tris[:, 1]], verts[tris[:, 2]]
-        area = 0.5 * np.linalg.norm(np.cross(b - a, c - a), axis=1)
-        total = area.sum()
-        if np.isfinite(total) and total > 0:
-            t = rng.choice(len(tris), size=num_points, p=area / total)
-            u, v = rng.random(num_points), rng.random(num_points)
-            flip = u + v > 1
-            u[flip], v[flip] = 1 - u[flip], 1 - v[flip]
-            return a[t] + u[:, None] * (b[t] - a[t]) + v[:, None] * (c[t] - a[t])
-    return verts[rng.integers(0, len(verts), num_points)]
+def mesh_to_points(path: str, num_points: int, seed: int) -> np.ndarray:
+    """One mesh -> (P, 3) float32: torch-geometric's ``read_off`` and ``SamplePoints`` (area-weighted, uniform on
+    the surface), seeded per file; then centred and scaled to the unit sphere."""
+    from torch_geometric.io import read_off
+    from torch_geometric.transforms import SamplePoints
+
+    try:
+        mesh = read_off(path)
+    except (ValueError, IndexError, RuntimeError) as e:
+        raise ValueError(f"{path}: not a readable OFF mesh ({type(e).__name__}: {e}); re-extract the dataset") from e
+    if mesh.face is None or mesh.face.numel() == 0 or mesh.pos.numel() == 0:
+        raise ValueError(f"{path}: mesh has no triangles or quads to sample; re-extract the dataset")
+    if int(mesh.face.max()) >= len(mesh.pos):
+        raise ValueError(f"{path}: face index out of range (mesh has {len(mesh.pos)} vertices)")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        pos = SamplePoints(num_points)(mesh).pos
+    if not torch.isfinite(pos).all():
+        raise ValueError(f"{path}: mesh has no surface area (degenerate faces); re-extract the dataset")
+    return normalize_unit_sphere(pos.double().numpy()).astype(np.float32)
 
 
-def _mesh_to_points(args: tuple[str, int, int]) -> np.ndarray:
-    path, num_points, seed = args
-    verts, tris = read_off(path)
-    pts = sample_surface(verts, tris, num_points, np.random.default_rng(seed))
-    return normalize_unit_sphere(pts).astype(np.float32)
+def _mesh_job(args: tuple[str, int, int]) -> np.ndarray:
+    return mesh_to_points(*args)
 
 
 def meshes_to_points(paths: list[str], num_points: int, seed: int) -> np.ndarray:
-    """Parse and sample every mesh (in parallel processes for large lists); (N, P, 3) float32."""
+    """Read and sample every mesh (in parallel processes for large lists); (N, P, 3) float32."""
     if not paths:
         raise DatasetNotFoundError("no .off files found")
+    require_torch_geometric()
     jobs = [(p, num_points, seed * 1_000_003 + i) for i, p in enumerate(paths)]
     workers = min(len(paths) // 200 + 1, os.cpu_count() or 1)
     if workers > 1:
         with ProcessPoolExecutor(workers) as pool:
-            clouds = list(pool.map(_mesh_to_points, jobs, chunksize=32))
+            clouds = list(pool.map(_mesh_job, jobs, chunksize=32))
     else:
-        clouds = [_mesh_to_points(j) for j in jobs]
+        clouds = [_mesh_job(j) for j in jobs]
     return np.stack(clouds)
 
 
-MODELNET_URLS = {  # torch_geometric.datasets.ModelNet.urls, used when torch-geometric is not installed
-    "10": "http://3dvision.princeton.edu/projects/2014/3DShapeNets/ModelNet10.zip",
-    "40": "http://modelnet.cs.princeton.edu/ModelNet40.zip",
-}
-
-
 def modelnet_url(version: str) -> str:
-    """torch-geometric's current download URL when it is installed (it tracks moves), else ours."""
-    try:
-        from torch_geometric.datasets import ModelNet
+    """torch-geometric's download URL of ModelNet10/40 (it tracks moves of the archive)."""
+    require_torch_geometric()
+    from torch_geometric.datasets import ModelNet
 
-        return ModelNet.urls[version]
-    except (ImportError, AttributeError, KeyError):
-        return MODELNET_URLS[version]
+    return ModelNet.urls[version]
 
 
 def _is_modelnet(d: Path) -> bool:
@@ -228,7 +191,7 @@ def _is_modelnet(d: Path) -> bool:
 
 def _load_modelnet(version: str, root: Path, download: bool, num_points: int, scratch: Path):
     name = f"ModelNet{version}"
-    candidates = [root / name, root / name.lower(), root]
+    candidates = [root / name, root / name.lower(), root / name / "raw", root]
     if download and not any(_is_modelnet(d) for d in candidates):
         from torchvision.datasets.utils import download_and_extract_archive
 
@@ -238,7 +201,7 @@ def _load_modelnet(version: str, root: Path, download: bool, num_points: int, sc
         raise DatasetNotFoundError(
             f"{name} not found. Looked in: {', '.join(str(d) for d in candidates)} for <class>/train/*.off. "
             f"Unzip {name}.zip (the official layout {name}/<class>/{{train,test}}/*.off) under --data-root "
-            f"{root}, or pass --download to fetch it from {MODELNET_URLS[version]}."
+            f"{root}, or pass --download to fetch it."
         )
     classes = sorted(c.name for c in base.iterdir() if (c / "train").is_dir())
     arrays = {}

@@ -25,8 +25,8 @@ from tasks.point_data import (
     PROCEDURAL_FAMILIES,
     DatasetNotFoundError,
     load_point_dataset,
+    mesh_to_points,
     procedural_clouds,
-    read_off,
 )
 from tasks.point_models import POINTCLOUD_MODELS, feature_transform_regularizer
 
@@ -93,8 +93,8 @@ def test_off_parser_and_modelnet_loader(tmp_path):
         for i in range(n):
             write_off(root / "ModelNet40" / "bathtub" / split / f"bathtub_{i:04d}.off", CUBE_V, CUBE_F, glued=i == 0)
             write_off(root / "ModelNet40" / "airplane" / split / f"airplane_{i:04d}.off", TETRA_V, TETRA_F)
-    verts, tris = read_off(root / "ModelNet40" / "bathtub" / "train" / "bathtub_0000.off")  # "OFF8 6 0" header
-    assert verts.shape == (8, 3) and tris.shape == (12, 3)  # six quads, fan-triangulated
+    glued = mesh_to_points(str(root / "ModelNet40" / "bathtub" / "train" / "bathtub_0000.off"), 32, seed=0)
+    assert glued.shape == (32, 3)  # the "OFF8 6 0" header ModelNet has, read by torch-geometric
     data = load_point_dataset("modelnet40", root, tmp_path / "cache", num_points=64)
     assert data.classes == ["airplane", "bathtub"]  # sorted class folders
     assert data.train.x.shape == (6, 64, 3) and data.test.x.shape == (4, 64, 3)
@@ -113,11 +113,18 @@ def test_off_parser_and_modelnet_loader(tmp_path):
         load_point_dataset("modelnet10", root, tmp_path / "cache", num_points=64)
 
 
-def test_modelnet_url_matches_torch_geometric():
-    tg = pytest.importorskip("torch_geometric.datasets")
-    from tasks.point_data import MODELNET_URLS
-
-    assert tg.ModelNet.urls == MODELNET_URLS
+def test_modelnet_layouts_and_bad_meshes(tmp_path):
+    """torch-geometric's raw layout is found too; a broken mesh is one error naming the file."""
+    root = tmp_path / "data"
+    for c in ("chair", "desk"):
+        for split in ("train", "test"):
+            write_off(root / "ModelNet10" / "raw" / c / split / f"{c}_0001.off", TETRA_V, TETRA_F)
+    data = load_point_dataset("modelnet10", root, tmp_path / "cache", num_points=16)
+    assert data.classes == ["chair", "desk"] and data.train.x.shape == (2, 16, 3)
+    bad = root / "ModelNet10" / "raw" / "desk" / "train" / "desk_0002.off"
+    bad.write_text("OFF\n3 1 0\n0 0 0\n1 0 0\n")  # truncated vertex list
+    with pytest.raises(ValueError, match="desk_0002.off"):
+        load_point_dataset("modelnet10", root, tmp_path / "cache-bad", num_points=16)
 
 
 # --- triggers -------------------------------------------------------------------------------------------
