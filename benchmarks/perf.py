@@ -40,7 +40,7 @@ from tasks import CleanBudget, Task, create_task
 # integer fields with one of GENERIC_STEP_FIELDS' names scaled.
 STEP_FIELDS: dict[str, tuple[str, ...]] = {
     "nft": ("steps",), "ft": ("steps",), "fine-pruning": ("steps",), "anp": ("iterations",), "i-bau": ("rounds",),
-    "clp": (),
+    "clp": (), "rnp": ("unlearn_epochs", "recover_epochs"), "nad": ("epochs", "teacher_epochs"),
 }
 GENERIC_STEP_FIELDS = ("steps", "iterations", "rounds", "epochs")
 

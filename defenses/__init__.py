@@ -1,6 +1,7 @@
 """Backdoor purification defences on one interface (``defenses.base.purify``), registered by name."""
 
-from defenses import anp, clp, fine_pruning, ft, ibau, nft  # noqa: F401  (each registers itself)
+# each module registers itself
+from defenses import anp, awm, clp, fine_pruning, fst, ft, ft_sam, ibau, nad, nft, rnp, sau  # noqa: F401
 from defenses.base import DEFENSES, DefenseSpec, NonFiniteLossError, purify, register_defense
 
 __all__ = ["DEFENSES", "DefenseSpec", "NonFiniteLossError", "purify", "register_defense"]

@@ -6,7 +6,9 @@ import pytest
 import torch
 
 os.environ.setdefault("NFTBENCH_QUIET", "1")
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# at most 2 threads, and no more than the cores this process may run on: 2 threads pinned to one core
+# (taskset) spin against each other and train ~10x slower
+torch.set_num_threads(max(1, min(2, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 2)))
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 

@@ -287,7 +287,10 @@ def test_pointba_i_victim_is_accurate_and_backdoored(pc_victim):
 
 QUICK = {"nft": {"steps": 15, "batch_size": 32}, "ft": {"steps": 10, "batch_size": 32},
          "fine-pruning": {"steps": 5, "batch_size": 32}, "anp": {"iterations": 5, "batch_size": 32},
-         "i-bau": {"rounds": 1}}
+         "i-bau": {"rounds": 1}, "ft-sam": {"steps": 5, "batch_size": 32},
+         "fst": {"epochs": 1, "batch_size": 32}, "nad": {"epochs": 1, "teacher_epochs": 1, "batch_size": 32},
+         "rnp": {"unlearn_epochs": 2, "recover_epochs": 2, "batch_size": 32}, "awm": {"epochs": 1, "batch_size": 32},
+         "sau": {"epochs": 1, "batch_size": 32}}
 
 
 def test_nft_and_every_baseline_run_through_the_task(pc_task, pc_victim):

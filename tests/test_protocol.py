@@ -29,7 +29,9 @@ def test_every_defence_runs_without_test_data(digits_task, badnets_victim, guard
     """Each registered defence, on a guarded task whose test split and evaluator raise on access."""
     _, model, _, _ = badnets_victim
     clean = digits_task.clean_split(CleanBudget(0.05), seed=0)
-    quick = {"nft": {"steps": 10}, "ft": {"steps": 10}, "fine-pruning": {"steps": 10}, "anp": {"iterations": 10}}
+    quick = {"nft": {"steps": 10}, "ft": {"steps": 10}, "fine-pruning": {"steps": 10}, "anp": {"iterations": 10},
+             "ft-sam": {"steps": 10}, "rnp": {"unlearn_epochs": 2, "recover_epochs": 2}, "awm": {"epochs": 2},
+             "sau": {"epochs": 2}}
     for name in DEFENSES.names():
         out, info = purify(name, copy.deepcopy(model), guarded, clean, quick.get(name, {}), seed=0)
         assert type(out) is type(model) and out.state_dict().keys() == model.state_dict().keys(), name
