@@ -93,8 +93,9 @@ COST_TABLE: dict[tuple[str, str], dict[str, tuple[float, float]]] = {
     ("modelnet40", "paper"): {"cpu": (2_000_000, 6000), "gpu": (900, 30)},
 }
 DEFAULT_COST = {"quick": {"cpu": (3600, 240), "gpu": (60, 10)}, "paper": {"cpu": (200_000, 3000), "gpu": (500, 20)}}
+# Newer defences: their time / NFT's time measured on the CIFAR-10 quick victims (results/cifar10-quick).
 DEFENSE_COST_FACTOR = {"none": 0.05, "nft": 1.0, "ft": 1.0, "fine-pruning": 1.5, "anp": 3.0, "i-bau": 2.0,
-                       "clp": 0.1}
+                       "clp": 0.1, "ft-sam": 3.4, "fst": 0.1, "nad": 0.2, "rnp": 0.2, "awm": 1.5, "sau": 7.6}
 
 
 class SweepConfigError(ValueError):
