@@ -48,7 +48,9 @@ def test_loss_and_logits_is_the_tasks_loss(digits_task, badnets_victim, clean):
 # --- RNP ------------------------------------------------------------------------------------------------------------
 def test_rnp_unlearns_to_the_threshold_then_prunes_the_original(badnets_victim, guarded, clean):
     _, model, _, _ = badnets_victim
-    cfg = {"batch_size": 32, "unlearn_lr": 0.02, "recover_epochs": 5}
+    # prune at 0.5, not the default 0.2: on this tiny victim the lowest recovered mask sits near 0.26 (thread-count
+    # dependent), and the test needs at least one pruned neuron whatever the machine
+    cfg = {"batch_size": 32, "unlearn_lr": 0.02, "recover_epochs": 5, "prune_value": 0.5}
     out, info = purify("rnp", copy.deepcopy(model), guarded, clean, cfg, seed=0)
     assert_same_architecture(out, model)
     # unlearning stops at the first epoch whose running clean accuracy is <= 0.2
@@ -64,7 +66,7 @@ def test_rnp_unlearns_to_the_threshold_then_prunes_the_original(badnets_victim, 
     # no running statistic leaks in)
     changed = changed_entries(model, out)
     bns = {n for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)}
-    assert info["neurons_pruned"] >= 1 and info["threshold"] == 0.2
+    assert info["neurons_pruned"] >= 1 and info["threshold"] == 0.5
     assert all(k.endswith(".weight") and k[: -len(".weight")] in bns for k in changed)
     assert all((new[old != new] == 0).all() for old, new in changed.values())
     assert sum(int((old != new).sum()) for old, new in changed.values()) == info["neurons_pruned"]

@@ -330,7 +330,7 @@ def test_preset_and_cli_list(capsys):
     from benchmarks.sweep import load_sweep
 
     grid = load_sweep("pointcloud-quick")
-    assert grid["task"] == "pointcloud" and set(grid["attacks"]) == {"pointba-i", "pointba-o"}
+    assert grid["task"] == "pointcloud" and set(grid["attacks"]) == {"pointba-i", "pointba-o", "pcba"}
     assert set(grid["defenses"]) == {"none", "nft", "ft", "fine-pruning", "anp", "i-bau", "clp"}
     main(["list", "--datasets", "--models"])
     out = capsys.readouterr().out

@@ -126,7 +126,8 @@ def test_presets_are_valid_and_paper_grid_is_the_papers():
     assert len(expand(quick)) == 8
     paper = load_sweep("paper")
     cfgs = expand(paper)
-    assert {c.defense for c in cfgs} == {"none", "nft", "ft", "fine-pruning", "anp", "i-bau", "clp"}
+    assert {c.defense for c in cfgs} == {"none", "nft", "ft", "fine-pruning", "anp", "i-bau", "clp", "ft-sam", "fst",
+                                         "nad", "rnp", "awm", "sau"}
     assert {c.attack for c in cfgs} == {"badnets", "blend"} and {c.seed for c in cfgs} == {0, 1, 2}
     assert {c.model for c in cfgs} == {"preact-resnet18"} and {c.dataset for c in cfgs} == {
         "cifar10", "gtsrb", "tiny-imagenet"}
