@@ -73,19 +73,21 @@ class Attack:
             return y != self.target
         return torch.ones_like(y, dtype=torch.bool)
 
+    def poison_pool(self, y: Tensor) -> tuple[Tensor, str]:
+        """Training samples that may be poisoned (bool mask over true labels ``y``) and how to say so in an error:
+        the target class (clean-label attacks); samples whose label is not the target (all-to-one); else all."""
+        if self.clean_label:
+            return y == self.target, "of the target class"
+        return self.counts_for_asr(y), "not of the target class"
+
 
 def select_poison_indices(labels: Tensor, attack: Attack, generator: torch.Generator) -> Tensor:
-    """Exactly ``round(poison_rate * N)`` indices, drawn without replacement from eligible samples.
-
-    Eligible: samples of the target class (clean-label attacks); samples whose label is not the target
-    (all-to-one dirty-label attacks); else all.
-    """
+    """Exactly ``round(poison_rate * N)`` indices, drawn without replacement from the samples
+    ``attack.poison_pool`` allows."""
     n_poison = int(math.floor(attack.poison_rate * len(labels) + 0.5))
     labels = labels.cpu()
-    if attack.clean_label:
-        eligible, what = torch.nonzero(labels == attack.target).flatten(), "of the target class"
-    else:
-        eligible, what = torch.nonzero(attack.counts_for_asr(labels)).flatten(), "not of the target class"
+    pool, what = attack.poison_pool(labels)
+    eligible = torch.nonzero(pool).flatten()
     if n_poison > len(eligible):
         raise ValueError(
             f"poison_rate {attack.poison_rate} asks for {n_poison} poisoned samples but only "

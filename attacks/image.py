@@ -29,7 +29,10 @@ class ImageAttack(Attack):
     - ``bakes_poison`` + ``poison_inputs(x, y)``: poisoned training images computed once instead (CLB's
       adversarial perturbation), stored like a released poisoned dataset.
     - ``train_victim`` / ``artifacts`` / ``load_artifacts`` (see :class:`attacks.base.Attack`): attacks that
-      train their trigger jointly with the victim (Input-aware, LIRA).
+      train their trigger jointly with the victim (Input-aware, LIRA) or whose poisoned samples are made of
+      several images (CBA).
+    - ``poison_pool`` (see :class:`attacks.base.Attack`): which samples may be poisoned (CBA: its two classes).
+    - ``triggered_test(x, y, num_classes)``: the triggered test inputs ASR and RA are measured on (CBA).
     """
 
     modality = "image"
@@ -51,6 +54,13 @@ class ImageAttack(Attack):
     def poison_inputs(self, x: Tensor, y: Tensor) -> Tensor:
         """The poisoned training images of ``x`` (true labels ``y``) when ``bakes_poison`` is set."""
         return self.apply(x)
+
+    def triggered_test(self, x: Tensor, y: Tensor, num_classes: int) -> tuple[Tensor, Tensor, Tensor]:
+        """What ASR and RA are measured on, built from a clean test batch ``x`` (true labels ``y``): the triggered
+        inputs, the attacker's label for each, and the label(s) that count as a robust prediction, (N,) or (N, k).
+        Default: the trigger on every sample that ``counts_for_asr``; CBA composes two test images instead."""
+        keep = self.counts_for_asr(y)
+        return self.apply(x[keep]), self.poison_label(y[keep], num_classes), y[keep]
 
 
 @ATTACKS.register("badnets")

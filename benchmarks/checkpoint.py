@@ -45,7 +45,7 @@ def check_safetensors_file(path: Path) -> None:
     size = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(9)
-    if head[:2] == b"PK" or head[:1] == b"\x80":
+    if head[:2] == b"PK" or (head[:1] == b"\x80" and head[8:9] != b"{"):  # a header length can end in 0x80
         raise CheckpointError(
             f"{path} is a pickle/torch.save file; nftbench loads only safetensors (pickles can run code). "
             "Convert it once, in a trusted environment, with safetensors.torch.save_file(state_dict, ...)."

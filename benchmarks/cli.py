@@ -85,12 +85,15 @@ def cmd_list(args: argparse.Namespace) -> None:
     from tasks.image_models import IMAGE_MODELS
     from tasks.point_data import POINTCLOUD_DATASETS
     from tasks.point_models import POINTCLOUD_MODELS
+    from tasks.translation import MODELS as TRANSLATION_MODELS
+    from tasks.translation_data import TRANSLATION_DATASETS
 
     sections = {
         "tasks": TASKS.names(), "datasets (image)": IMAGE_DATASETS.names(), "models (image)": IMAGE_MODELS.names(),
         "datasets (pointcloud)": POINTCLOUD_DATASETS.names(), "models (pointcloud)": POINTCLOUD_MODELS.names(),
-        "attacks": [f"{n:10s} [{c.modality}] {c.paper}" for n, c in ATTACKS.items()],
-        "defenses": [f"{n:10s} {s.paper}" for n, s in DEFENSES.items()],
+        "datasets (translation)": TRANSLATION_DATASETS.names(), "models (translation)": list(TRANSLATION_MODELS),
+        "attacks": [f"{n:12s} [{c.modality}] {c.paper}" for n, c in ATTACKS.items()],
+        "defenses": [f"{n:12s} {s.paper}" for n, s in DEFENSES.items()],
     }
     wanted = [k for k in sections if getattr(args, k.split()[0])]
     for key in wanted or sections:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import time
 from collections.abc import Iterator
@@ -57,30 +58,46 @@ def quiet() -> bool:
     return bool(os.environ.get("CI")) or os.environ.get("NFTBENCH_QUIET") == "1"
 
 
-def train_model(task: Task, split: Any, recipe: dict[str, Any], seed: int, desc: str = "train") -> nn.Module:
-    """Train a fresh model on ``split`` with the task's recipe: SGD (default) or Adam (``optimizer: adam``, beta1 =
-    ``momentum``); one-cycle, cosine, or step decay (``schedule: step``: lr x ``gamma`` every ``step_epochs``)."""
-    torch.manual_seed(seed)
-    model = task.build_model()
-    model.train()
-    g = torch.Generator().manual_seed(seed + 1)
-    n, bs = task.split_sizes(split), recipe["batch_size"]
-    steps_per_epoch = max(1, n // bs) if n >= 2 * bs else 1
-    total = recipe["epochs"] * steps_per_epoch
+def steps_per_epoch(n: int, batch_size: int) -> int:
+    """Optimiser steps in one epoch of ``n`` samples (the last partial batch is dropped unless there is only one)."""
+    return max(1, n // batch_size) if n >= 2 * batch_size else 1
+
+
+def recipe_optimizer(model: nn.Module, recipe: dict[str, Any], n: int) -> tuple[torch.optim.Optimizer, Any]:
+    """The recipe's optimiser and per-step schedule for ``n`` training samples: SGD (default) or Adam (``optimizer:
+    adam``, beta1 = ``momentum``, beta2 = ``beta2``, default 0.999); one-cycle, cosine, step decay (``schedule: step``:
+    lr x ``gamma`` every ``step_epochs``), or ``inverse_sqrt`` (fairseq's: linear warm-up over ``warmup_steps``, then
+    lr x sqrt(warmup_steps / step))."""
+    per_epoch = steps_per_epoch(n, recipe["batch_size"])
+    total = recipe["epochs"] * per_epoch
     if recipe.get("optimizer", "sgd") == "adam":
-        opt = torch.optim.Adam(model.parameters(), lr=recipe["lr"], betas=(recipe["momentum"], 0.999),
-                               weight_decay=recipe["weight_decay"])
+        betas = (recipe["momentum"], recipe.get("beta2", 0.999))
+        opt = torch.optim.Adam(model.parameters(), lr=recipe["lr"], betas=betas, weight_decay=recipe["weight_decay"])
     else:
         opt = torch.optim.SGD(model.parameters(), lr=recipe["lr"], momentum=recipe["momentum"],
                               nesterov=recipe["nesterov"], weight_decay=recipe["weight_decay"])
     if recipe["schedule"] == "onecycle":
         sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=recipe["lr"], total_steps=total, pct_start=0.25,
                                                     anneal_strategy="linear", div_factor=10, final_div_factor=20)
+    elif recipe["schedule"] == "inverse_sqrt":
+        warm = recipe["warmup_steps"]
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / warm, math.sqrt(warm / (s + 1))))
     elif recipe["schedule"] == "step":
-        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=recipe["step_epochs"] * steps_per_epoch,
-                                                gamma=recipe["gamma"])
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=recipe["step_epochs"] * per_epoch, gamma=recipe["gamma"])
     else:
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total)
+    return opt, sched
+
+
+def train_model(task: Task, split: Any, recipe: dict[str, Any], seed: int, desc: str = "train") -> nn.Module:
+    """Train a fresh model on ``split`` with the task's recipe (optimiser and schedule: :func:`recipe_optimizer`)."""
+    torch.manual_seed(seed)
+    model = task.build_model()
+    model.train()
+    g = torch.Generator().manual_seed(seed + 1)
+    n, bs = task.split_sizes(split), recipe["batch_size"]
+    total = recipe["epochs"] * steps_per_epoch(n, bs)
+    opt, sched = recipe_optimizer(model, recipe, n)
     step = 0
     bar = tqdm(total=total, desc=desc, disable=quiet(), leave=False)
     for _ in range(recipe["epochs"]):

@@ -34,6 +34,11 @@ not kept: surviving neurons are left exactly as trained). ``prune_by``:
   drops more than ``acc_tolerance`` (absolute) below the unpruned model's clean-split accuracy. The
   clean split is also what the masks were trained on, so this accuracy is optimistic.
 
+Other neurons: the masks go on the task's ``mask_target`` (``defenses/masking.py``; BN gamma for CNNs and
+PointNet). For a Transformer (translation: attention heads and FFN units) a mask scales a neuron's weights and
+bias together, so ``delta`` perturbs the neuron's whole output and ``xi`` has no bias left to act on; pruning
+zeroes what the mask scales (an FFN unit's row and bias, a head's value rows and bias).
+
 The authors' script (and BackdoorBench) report every threshold against the poisoned *test* set and
 pick the one with the lowest ASR; that needs test data the defender does not have, and is
 deliberately not implemented.
@@ -49,7 +54,7 @@ import torch
 from torch import Tensor, nn
 
 from defenses.base import check_finite, register_defense
-from defenses.masking import NeuronMasks
+from defenses.masking import MaskedLayer, NeuronMasks
 
 PRUNE_RULES = ("threshold", "number", "fraction", "clean_acc")
 
@@ -106,7 +111,7 @@ def adversarial_noise(task: Any, model: nn.Module, masks: NeuronMasks, batch: An
             leaves = [t.detach().requires_grad_(True) for t in delta + xi]
             delta, xi = leaves[: len(delta)], leaves[len(delta):]
             masks.set_noise(delta, xi)
-            grads = torch.autograd.grad(task.loss(model, batch), leaves)
+            grads = torch.autograd.grad(task.loss(model, batch), leaves, materialize_grads=True)  # xi may be unused
             moved = [(t + size * g.sign()).detach() for t, g in zip(leaves, grads, strict=True)]
             delta, xi = moved[: len(delta)], moved[len(delta):]
     finally:
@@ -117,7 +122,7 @@ def adversarial_noise(task: Any, model: nn.Module, masks: NeuronMasks, batch: An
 def optimize_masks(model: nn.Module, task: Any, clean: Any, cfg: ANPConfig, seed: int = 0,
                    on_step: Callable[[int, NeuronMasks], None] | None = None) -> tuple[NeuronMasks, dict[str, Any]]:
     """ANP's mask optimisation on ``model`` (whose parameters the caller has frozen); masks stay attached."""
-    masks = NeuronMasks(model, "bn_gamma", exclude=() if cfg.include_stem else None, bias_noise=True)
+    masks = NeuronMasks(model, task.mask_target, exclude=() if cfg.include_stem else None, bias_noise=True)
     opt = torch.optim.SGD(masks.parameters(), lr=cfg.lr, momentum=cfg.momentum)
     g = torch.Generator().manual_seed(seed)
     model.train(cfg.train_mode_bn)
@@ -159,6 +164,13 @@ def prune_neurons(modules: list[nn.Module], neurons: list[tuple[float, int, int]
         modules[layer].weight[channel] = 0.0
 
 
+def prune_masked(layers: list[MaskedLayer], neurons: list[tuple[float, int, int]]) -> None:
+    """Zero each ``(value, layer, channel)`` neuron as its mask target defines it (a BN gamma: the authors'
+    ``pruning``; an FFN unit's row and bias; an attention head's value rows and bias)."""
+    for _, layer, channel in neurons:
+        layers[layer].zero(channel)
+
+
 @register_defense("anp", ANPConfig, "Wu & Wang, Adversarial Neuron Pruning Purifies Backdoored Deep Models, "
                                    "NeurIPS 2021")
 def anp(model: nn.Module, task: Any, clean: Any, cfg: ANPConfig, seed: int = 0) -> tuple[nn.Module, dict]:
@@ -170,9 +182,9 @@ def anp(model: nn.Module, task: Any, clean: Any, cfg: ANPConfig, seed: int = 0) 
     try:
         masks, info = optimize_masks(model, task, clean, cfg, seed)
         info.update(masks.statistics())
-        names = [layer.name for layer in masks.layers]
-        modules = [layer.module for layer in masks.layers]
-        values = [layer.mask.detach().float().cpu() for layer in masks.layers]
+        layers = list(masks.layers)
+        names = [layer.name for layer in layers]
+        values = [layer.mask.detach().float().cpu() for layer in layers]
     finally:
         if masks is not None:
             masks.remove(fold=False)  # the original weights; pruning below is the only change
@@ -196,12 +208,12 @@ def anp(model: nn.Module, task: Any, clean: Any, cfg: ANPConfig, seed: int = 0) 
         pruned = order[: min(count, len(order))]
         threshold = pruned[-1][0] if pruned else None
     else:  # clean_acc: nested prunings along the threshold grid, on the defender's clean split only
-        originals = [m.weight.detach().clone() for m in modules]
+        originals = [{t: getattr(layer.module, t).detach().clone() for t in layer.tensors} for layer in layers]
         grid = torch.arange(0, cfg.search_max + cfg.search_step / 2, cfg.search_step).tolist()
         threshold, pruned, done = None, [], 0
         for t in grid:
             step = [n for n in order[done:] if n[0] <= t]
-            prune_neurons(modules, step)
+            prune_masked(layers, step)
             done += len(step)
             acc = task.accuracy(model, clean)
             search.append([round(t, 4), done, round(acc, 4)])
@@ -209,9 +221,10 @@ def anp(model: nn.Module, task: Any, clean: Any, cfg: ANPConfig, seed: int = 0) 
                 break
             threshold, pruned = t, order[:done]
         with torch.no_grad():
-            for m, w in zip(modules, originals, strict=True):
-                m.weight.copy_(w)
-    prune_neurons(modules, pruned)
+            for layer, saved in zip(layers, originals, strict=True):
+                for t, w in saved.items():
+                    getattr(layer.module, t).copy_(w)
+    prune_masked(layers, pruned)
     per_layer: dict[str, int] = {}
     for _, l, _ in pruned:
         per_layer[names[l]] = per_layer.get(names[l], 0) + 1

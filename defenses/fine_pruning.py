@@ -4,7 +4,9 @@ Neural Networks", RAID 2018), in BackdoorBench's variant (``defense/fp.py``, ``c
 1. Activation: the mean activation of every output channel of the task's feature layer
    (``task.feature_layer(model)``) over the defender's clean split, model in eval mode, averaged over
    the batch and spatial dimensions (a forward hook; batches from ``task.iter_batches``, forward passes
-   through ``task.loss`` so the task's autocast applies).
+   through ``task.loss`` so the task's autocast applies). A feature layer that is an ``nn.Linear`` has its
+   channels last: a Transformer's FFN units, (N, T, units), averaged over the batch and the positions (pad
+   positions included), before the activation function.
 2. Pruning: channels are pruned in ascending order of activation, ``prune_step`` (1% of the channels,
    BackdoorBench's ``once_prune_ratio``) more at a time, while the clean-split accuracy
    (``task.accuracy``) stays at or above ``(1 - tolerance) * initial`` with ``tolerance=0.1`` relative
@@ -21,7 +23,9 @@ Linear's input column ``c`` removes channel ``c``'s every contribution to the lo
 channel before a max or average pool would. This is BackdoorBench's mechanism too (a mask on the final
 Linear's input). The head is found generically: the last ``nn.Linear`` executed in the forward pass whose
 ``in_features`` equals the feature layer's channel count. The pruning lives in the head's weight, so it is
-persistent in the state dict (same keys and shapes; survives a safetensors round trip).
+persistent in the state dict (same keys and shapes; survives a safetensors round trip). For a Transformer whose
+feature layer is an FFN's first Linear (the translation task: the last decoder block's ``fc1``), the head found
+this way is that FFN's second Linear (``fc2``): zeroing its input column removes the unit exactly.
 
 Deviations, and why: the pruning stop uses the defender's clean split only (BackdoorBench selects with
 clean *test* accuracy, a peek at test data); BackdoorBench's hook records the Linear's input (post-pool)
@@ -80,8 +84,10 @@ def channel_activations(model: nn.Module, task: Any, clean: Any, layer: nn.Modul
     count = [0]
     linears: list[nn.Linear] = []
 
-    def record(_m, _args, out):
+    def record(m, _args, out):
         a = out.detach().float()
+        if isinstance(m, nn.Linear):  # a Linear's channels are its last dim: (N, T, C) in a Transformer
+            a = a.movedim(-1, 1)
         per_sample = a.mean(dim=tuple(range(2, a.dim()))) if a.dim() > 2 else a
         if total:
             total[0] += per_sample.sum(0)

@@ -1,12 +1,14 @@
 """NFT: Neural mask Fine-Tuning (Karim, Arafat, Khan, Rahnavard, Bhattarai, "Augmented Neural Fine-Tuning
 for Efficient Backdoor Purification", ECCV 2024, arXiv 2407.10052).
 
-Learns one multiplicative mask per neuron (BatchNorm gamma by default) on the defender's clean data,
-augmented with the task's MixUp, while conv/linear weights stay frozen. Defaults are the authors'
-(``src/Remove_Backdoor.py``): SGD lr 0.05, momentum 0.95, cosine annealing to 0.02, 1000 steps of
-batch 128 drawn with replacement, MixUp Beta(1, 1) on crop+flip-augmented data, regulariser
-``eta * sum |1 - m| / N_c`` with eta 1e-3 and N_c the clean samples per class, layer-wise floors
-``alpha * exp(-beta * l)`` (alpha 0.8, beta 0.5, l 1-based), model in train mode so BN statistics adapt.
+Learns one multiplicative mask per neuron (the task's ``mask_target``: BatchNorm gamma for CNNs and PointNet,
+attention heads and FFN units for Transformers) on the defender's clean data, augmented with the task's MixUp,
+while conv/linear weights stay frozen. Defaults are the authors' (``src/Remove_Backdoor.py``): SGD lr 0.05,
+momentum 0.95, cosine annealing to 0.02, 1000 steps of batch 128 drawn with replacement, MixUp Beta(1, 1) on
+crop+flip-augmented data, regulariser ``eta * sum |1 - m| / N_c`` with eta 1e-3 and N_c the clean samples per
+class (``task.samples_per_class``: all clean pairs for translation, which has no classes), layer-wise floors
+``alpha * exp(-beta * l)`` (alpha 0.8, beta 0.5, l 1-based: the l-th masked module), model in train mode so BN
+statistics adapt (dropout is on for a Transformer).
 The purified model is the masked model with masks folded into the weights (no pruning).
 
 Every choice is a config field, so ablations are configs of this one engine. Where the authors'
@@ -33,7 +35,7 @@ class NFTConfig:
     lr: float = 0.05
     final_lr: float = 0.02
     momentum: float = 0.95
-    mask_target: str = "bn_gamma"  # see defenses.masking: bn_gamma | bn_affine | conv_out | ...
+    mask_target: str | None = None  # None: the task's (bn_gamma; transformer for translation); see defenses.masking
     mixup: bool = True
     mixup_alpha: float = 1.0
     augment: bool = True
@@ -62,12 +64,13 @@ def layer_floors(n_layers: int, alpha: float, beta: float) -> list[float]:
 def nft(model: nn.Module, task: Any, clean: Any, cfg: NFTConfig, seed: int = 0) -> tuple[nn.Module, dict]:
     for p in model.parameters():
         p.requires_grad_(False)
-    masks = NeuronMasks(model, cfg.mask_target)
+    target = cfg.mask_target or task.mask_target
+    masks = NeuronMasks(model, target)
     floors = layer_floors(len(masks), cfg.floor_alpha, cfg.floor_beta) if cfg.floors else [0.0] * len(masks)
     opt = torch.optim.SGD(masks.parameters(), lr=cfg.lr, momentum=cfg.momentum)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.steps, eta_min=cfg.final_lr)
     n_clean = task.split_sizes(clean)
-    per_class = n_clean / task.num_classes
+    per_class = task.samples_per_class(clean)
     g = torch.Generator().manual_seed(seed)
     model.train(cfg.train_mode_bn)
     losses = []
@@ -86,7 +89,8 @@ def nft(model: nn.Module, task: Any, clean: Any, cfg: NFTConfig, seed: int = 0) 
             masks.clamp_(floors, 1.0)
             if step % 50 == 0 or step == cfg.steps - 1:
                 losses.append(round(loss.item(), 4))
-        info = {"steps": cfg.steps, "clean_samples": n_clean, "loss_trace": losses, **masks.statistics()}
+        info = {"steps": cfg.steps, "clean_samples": n_clean, "mask_target": target, "loss_trace": losses,
+                **masks.statistics()}
         done = True
     finally:  # on success the masks are folded in; on failure the model gets its own weights back
         masks.remove(fold=done)

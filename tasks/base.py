@@ -162,6 +162,7 @@ class Task(ABC):
     device: torch.device
     default_dataset: ClassVar[str]
     default_attack: ClassVar[str]
+    mask_target: ClassVar[str] = "bn_gamma"  # the neurons mask-based defences (NFT, ANP) mask; see defenses.masking
 
     # --- model and data -------------------------------------------------------------------
     @abstractmethod
@@ -227,6 +228,10 @@ class Task(ABC):
     @abstractmethod
     def with_input(self, batch: Batch, inputs: Tensor) -> Batch:
         """``batch`` with its perturbable input replaced (the inverse of :meth:`perturbable_input`)."""
+
+    def samples_per_class(self, split: Any) -> float:
+        """Clean samples per class (N_c of NFT's regulariser); a task without classes overrides it."""
+        return self.split_sizes(split) / self.num_classes
 
     @abstractmethod
     def feature_layer(self, model: nn.Module) -> nn.Module:

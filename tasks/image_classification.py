@@ -252,7 +252,8 @@ class ImageClassificationTask(TensorBatches, Task):
     @torch.no_grad()
     def evaluate(self, model: nn.Module, attack: Attack | None) -> dict[str, float | None]:
         """C-ACC on the whole clean test set; ASR and RA on triggered test images whose true label is
-        not the target (all-to-one), all images for all-to-all (BackdoorBench conventions)."""
+        not the target (all-to-one), all images for all-to-all (BackdoorBench conventions); for attacks whose
+        trigger composes images (CBA), on what ``attack.triggered_test`` builds from the test set."""
         self.check_attack(attack)
         was_training = model.training
         model.eval()
@@ -261,14 +262,13 @@ class ImageClassificationTask(TensorBatches, Task):
             correct += int((self.predict(model, b.inputs) == b.targets).sum())
             if attack is None:
                 continue
-            keep = attack.counts_for_asr(b.targets)
-            if not keep.any():
+            x, wanted, truth = attack.triggered_test(b.inputs, b.targets, self.num_classes)
+            if not len(x):
                 continue
-            x, y = b.inputs[keep], b.targets[keep]
-            pred = self.predict(model, to_float(to_uint8(attack.apply(x))))
-            hits += int((pred == attack.poison_label(y, self.num_classes)).sum())
-            robust += int((pred == y).sum())
-            counted += len(y)
+            pred = self.predict(model, to_float(to_uint8(x)))
+            hits += int((pred == wanted).sum())
+            robust += int((pred[:, None] == truth.view(len(pred), -1)).any(1).sum())
+            counted += len(pred)
         model.train(was_training)
         out: dict[str, float | None] = {"clean_acc": correct / len(self.test), "asr": None, "ra": None}
         if attack is not None:

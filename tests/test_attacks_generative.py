@@ -1,0 +1,186 @@
+"""Learned, sample-specific attacks (attacks/image_generative.py): trigger budgets, exact seeded poisoning, and a
+backdoored digits victim per attack whose saved trigger networks reproduce its ASR when reloaded."""
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import attacks.image_generative as gen
+from attacks import create_attack
+from benchmarks.victims import get_victim
+from tasks.image_classification import to_float, to_uint8
+
+# Digits-specific parameters (16x16 grey digits, a 30-epoch victim of ~510 steps, one CPU core), each with its reason:
+DIGITS = {
+    # The paper's mask density 0.032 masks ~8 of 256 pixels: the 30-epoch victim reaches only ~69% ASR. 0.15 masks
+    # ~38, about the 33 pixels 0.032 masks on 32x32 CIFAR-10 (ASR ~0.87-0.97 depending on thread count and seed).
+    "input-aware": {"mask_density": 0.15},
+    # eps 0.01 (~2.5 grey levels) needs the authors' thousands of generator steps; in 255 steps it stays noise
+    # the victim cannot separate from clean digits. 0.05 is below the authors' stage-1 eps of 0.1.
+    "lira": {"eps": 0.05},
+    # 400 encoder steps (the default 3000 are minutes on one core) already decode 16 bits and keep PSNR > 25 dB.
+    "issba": {"encoder_steps": 400},
+}
+PSNR_FLOOR_DB = 25.0  # ISSBA reports 27 dB on ImageNet; the digits encoder above reaches ~29 dB
+BIT_ACCURACY_FLOOR = 0.95
+
+
+def fake_task(shape, cache_dir=None, n=64):
+    """The attributes ``prepare`` reads from an image task, for shapes no bundled dataset has."""
+    data = SimpleNamespace(shape=shape, train=SimpleNamespace(x=torch.randint(0, 256, (n, *shape), dtype=torch.uint8)))
+    return SimpleNamespace(data=data, device=torch.device("cpu"), cache_dir=cache_dir, attacker_idx=torch.arange(n),
+                           config=lambda: {"fake": list(shape)})
+
+
+@pytest.mark.parametrize("name", ["input-aware", "lira"])
+@pytest.mark.parametrize("shape", [(1, 16, 16), (3, 32, 32)])
+def test_generators_are_sized_by_the_image_and_seeded(name, shape):
+    task = fake_task(shape)
+    attack = create_attack(name, seed=3)
+    attack.prepare(task)
+    nets = attack.nets
+    attack.prepare(task)
+    assert attack.nets is nets  # prepare is idempotent
+    x = torch.rand(4, *shape)
+    out = attack.apply(x)
+    assert out.shape == x.shape and out.min() >= 0 and out.max() <= 1
+    twin = create_attack(name, seed=3)
+    twin.prepare(task)
+    assert torch.equal(out, twin.apply(x))
+    other = create_attack(name, seed=4)
+    other.prepare(task)
+    assert not torch.equal(out, other.apply(x))
+
+
+def test_issba_encoder_fits_rgb_images_and_is_cached(tmp_path, monkeypatch):
+    task = fake_task((3, 32, 32), tmp_path)
+    attack = create_attack("issba", encoder_steps=2)
+    attack.prepare(task)
+    assert len(attack.secret) == 100  # the paper's 100 bits from 32x32 up
+    x = torch.rand(5, 3, 32, 32)
+    out = attack.apply(x)
+    assert out.shape == x.shape and out.min() >= 0 and out.max() <= 1
+    (cached,) = [d for d in (tmp_path / "attacks").iterdir() if d.is_dir()]
+    assert {p.name for p in cached.iterdir()} >= {"encoder.safetensors", "encoder.json"}
+    assert set(attack.stats) >= {"bit_accuracy", "psnr_db", "secret_bits"}
+
+    monkeypatch.setattr(gen.Issba, "train_encoder", lambda *a: pytest.fail("the cached encoder was retrained"))
+    again = create_attack("issba", encoder_steps=2, target=3, poison_rate=0.05)  # same encoder fields: shared
+    again.prepare(task)
+    assert torch.equal(again.apply(x), out)
+
+
+def test_bad_parameters_get_clear_errors():
+    for name, params, match in [
+        ("input-aware", {"p_cross": 0.95}, "p_cross"), ("input-aware", {"mask_density": 0}, "mask_density"),
+        ("input-aware", {"mask_epochs": 0}, "mask_epochs"), ("lira", {"eps": 0}, "eps"),
+        ("lira", {"alpha": 1}, "alpha"), ("lira", {"stage1_fraction": 0}, "stage1_fraction"),
+        ("issba", {"secret_bits": 0}, "secret_bits"), ("issba", {"encoder_steps": 0}, "encoder_steps"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            create_attack(name, **params)
+
+
+def test_input_aware_poison_batch_triggers_rows_and_draws_seeded_cross_samples():
+    attack = create_attack("input-aware")
+    attack.prepare(fake_task((1, 16, 16)))
+    x = torch.rand(20, 1, 16, 16)
+    rows = torch.zeros(20, dtype=torch.bool)
+    rows[[2, 5, 11]] = True
+    changed = (attack.poison_batch(x.clone(), rows, None) != x).flatten(1).any(1)
+    assert torch.equal(changed, rows)  # no generator: nothing random, only the poisoned rows
+    out = attack.poison_batch(x.clone(), rows, torch.Generator().manual_seed(0))
+    changed = (out != x).flatten(1).any(1)
+    assert changed[rows].all() and int((changed & ~rows).sum()) == round(0.1 * 20)  # p_cross of the batch
+    assert torch.equal(out, attack.poison_batch(x.clone(), rows, torch.Generator().manual_seed(0)))
+
+
+@pytest.mark.parametrize("name", sorted(DIGITS))
+def test_poisoning_is_exact_seeded_and_only_on_poisoned_rows(digits_task, name):
+    attack = create_attack(name, **DIGITS[name])
+    split, idx = digits_task.attacker_train(attack, 0)
+    assert len(idx) == math.floor(0.1 * len(split) + 0.5) == int(split.poisoned.sum())
+    assert torch.equal(torch.nonzero(split.poisoned.cpu()).flatten(), idx)
+    assert (split.y[idx] == 0).all()
+    assert torch.equal(digits_task.attacker_train(attack, 0)[1], idx)
+    assert not torch.equal(digits_task.attacker_train(attack, 1)[1], idx)
+    clean = type(split)(split.x, split.y)
+    rows = torch.arange(128)
+    poisoned = digits_task.make_batch(split, rows, False, None).inputs
+    changed = (poisoned != digits_task.make_batch(clean, rows, False, None).inputs).flatten(1).any(1)
+    assert torch.equal(changed, split.poisoned[rows])
+
+
+@pytest.mark.parametrize("mode", ["all-to-one", "all-to-all"])
+def test_joint_training_poisons_an_exact_seeded_count_every_epoch(digits_task, mode):
+    attack = create_attack("lira", mode=mode)
+    split, idx = digits_task.attacker_train(attack, 0)
+    truth = digits_task.data.train.y[digits_task.attacker_idx]
+
+    def epochs(seed):
+        return list(gen.epoch_splits(digits_task, split, attack, 4, torch.Generator().manual_seed(seed)))
+
+    parts = epochs(1)
+    assert parts[0] is split  # the first epoch poisons the rows attacker_train reports
+    for part in parts:
+        rows = part.poisoned.cpu()
+        assert int(rows.sum()) == len(idx)
+        assert torch.equal(part.y.cpu()[rows], attack.poison_label(truth[rows], 10))
+        assert torch.equal(part.y.cpu()[~rows], truth[~rows])
+    assert not torch.equal(parts[1].poisoned, parts[2].poisoned)  # a fresh draw every epoch...
+    assert all(torch.equal(a.poisoned, b.poisoned) for a, b in zip(parts, epochs(1), strict=True))  # ...seeded
+
+
+@pytest.fixture(scope="module")
+def benign_acc(digits_task, runs_dir):
+    return get_victim(digits_task, None, 0, runs_dir)[1]["metrics"]["clean_acc"]
+
+
+@pytest.fixture(scope="module", params=sorted(DIGITS))
+def victim(request, digits_task, runs_dir):
+    attack = create_attack(request.param, **DIGITS[request.param])
+    model, meta, _ = get_victim(digits_task, attack, 0, runs_dir)
+    return attack, model, meta
+
+
+def test_digits_victim_is_backdoored_and_keeps_clean_accuracy(victim, benign_acc, digits_task):
+    attack, _, meta = victim
+    metrics = meta["metrics"]
+    assert metrics["asr"] >= 0.85, metrics
+    assert metrics["clean_acc"] >= benign_acc - 0.03, (metrics, benign_acc)
+    assert meta["poisoned_samples"] == math.floor(0.1 * len(digits_task.attacker_idx) + 0.5)
+
+
+def test_cached_victim_restores_the_trigger_in_a_fresh_attack(victim, digits_task, runs_dir):
+    attack, _, meta = victim
+    fresh = create_attack(attack.name, **DIGITS[attack.name])
+    model, again, _ = get_victim(digits_task, fresh, 0, runs_dir)
+    assert again["victim_id"] == meta["victim_id"]
+    assert digits_task.evaluate(model, fresh)["asr"] == meta["metrics"]["asr"]
+    x = to_float(digits_task.test.x[:64])
+    assert torch.equal(fresh.apply(x), attack.apply(x))
+
+
+def test_trained_trigger_is_sample_specific_and_within_budget(victim, digits_task):
+    attack, _, _ = victim
+    x = to_float(digits_task.test.x[:256])
+    residual = to_float(to_uint8(attack.apply(x))) - x
+    pair_distance = (residual - residual.roll(1, 0)).pow(2).mean(dim=(1, 2, 3)).sqrt()
+    assert (pair_distance > 1e-3).float().mean() > 0.9  # a different trigger for (almost) every image
+    if attack.name == "lira":
+        assert (attack.apply(x) - x).abs().max() <= attack.eps + 1e-6
+    elif attack.name == "input-aware":
+        with torch.no_grad():
+            masks, patterns = gen.threshold(attack.nets["M"](x)), attack.nets["G"](x)
+        assert masks.min() >= 0 and masks.max() <= 1
+        assert (patterns - patterns.roll(1, 0)).pow(2).mean(dim=(1, 2, 3)).sqrt().min() > 1e-3
+        assert masks.mean() < 2 * attack.mask_density
+    else:
+        assert attack.stats["psnr_db"] >= PSNR_FLOOR_DB and attack.stats["bit_accuracy"] >= BIT_ACCURACY_FLOOR
+        stored = to_float(to_uint8(attack.apply(x)))
+        assert gen.psnr(stored, x).mean() >= PSNR_FLOOR_DB
+        with torch.no_grad():
+            bits = (attack.nets["decoder"](stored) > 0).float()
+        assert (bits == attack.secret).float().mean() >= BIT_ACCURACY_FLOOR
