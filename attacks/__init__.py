@@ -1,6 +1,7 @@
 """Poisoning attacks, registered by name per modality (``ATTACKS.get("badnets")``)."""
 
 from attacks import (  # noqa: F401  (each module registers its attacks)
+    detection,
     image,
     image_composite,
     image_generative,

@@ -81,6 +81,8 @@ def paths_of(args: argparse.Namespace) -> Paths:
 
 
 def cmd_list(args: argparse.Namespace) -> None:
+    from tasks.detection import MODELS as DETECTION_MODELS
+    from tasks.detection_data import DETECTION_DATASETS
     from tasks.image_data import IMAGE_DATASETS
     from tasks.image_models import IMAGE_MODELS
     from tasks.point_data import POINTCLOUD_DATASETS
@@ -92,6 +94,8 @@ def cmd_list(args: argparse.Namespace) -> None:
         "tasks": TASKS.names(), "datasets (image)": IMAGE_DATASETS.names(), "models (image)": IMAGE_MODELS.names(),
         "datasets (pointcloud)": POINTCLOUD_DATASETS.names(), "models (pointcloud)": POINTCLOUD_MODELS.names(),
         "datasets (translation)": TRANSLATION_DATASETS.names(), "models (translation)": list(TRANSLATION_MODELS),
+        "datasets (detection)": [*DETECTION_DATASETS.names(), "<path to a YOLO dataset .yaml>"],
+        "models (detection)": list(DETECTION_MODELS),
         "attacks": [f"{n:12s} [{c.modality}] {c.paper}" for n, c in ATTACKS.items()],
         "defenses": [f"{n:12s} {s.paper}" for n, s in DEFENSES.items()],
     }

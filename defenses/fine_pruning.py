@@ -27,6 +27,9 @@ persistent in the state dict (same keys and shapes; survives a safetensors round
 feature layer is an FFN's first Linear (the translation task: the last decoder block's ``fc1``), the head found
 this way is that FFN's second Linear (``fc2``): zeroing its input column removes the unit exactly.
 
+Detectors (the detection task) have no such Linear: their feature layer is a Conv-BN-SiLU, and channel ``c`` is
+pruned by zeroing that BN's weight and bias (SiLU(0) = 0), again persistent in the state dict.
+
 Deviations, and why: the pruning stop uses the defender's clean split only (BackdoorBench selects with
 clean *test* accuracy, a peek at test data); BackdoorBench's hook records the Linear's input (post-pool)
 while this records the feature layer's output as the original paper (last convolutional layer) does, which
@@ -114,15 +117,21 @@ def channel_activations(model: nn.Module, task: Any, clean: Any, layer: nn.Modul
     return total[0] / count[0], linears
 
 
-def find_head(linears: list[nn.Linear], channels: int) -> nn.Linear:
-    """The last Linear run in the forward pass that reads ``channels`` features: the pooled classifier."""
+def pruning_point(layer: nn.Module, linears: list[nn.Linear], channels: int
+                  ) -> tuple[nn.Module, list[tuple[Tensor, int]]]:
+    """Where pruning channel c removes it exactly, as (module, [(tensor, dim)]): the input columns of the last
+    Linear run in the forward pass that reads ``channels`` features (the pooled classifier); else, for a layer
+    ending in BatchNorm + an activation with f(0) = 0 (a detector's Conv-BN-SiLU), that BN's weight and bias."""
     for m in reversed(linears):
         if m.in_features == channels:
-            return m
+            return m, [(m.weight, 1)]
+    bn = next((m for m in reversed(list(layer.modules())) if isinstance(m, nn.modules.batchnorm._BatchNorm)), None)
+    if bn is not None and bn.num_features == channels and bn.affine:
+        return bn, [(bn.weight, 0), (bn.bias, 0)]
     raise ValueError(
         f"fine-pruning needs the feature layer's {channels} channels to reach a final nn.Linear through global "
-        f"pooling; no Linear with in_features={channels} ran in the forward pass "
-        f"(saw in_features {[m.in_features for m in linears]})"
+        f"pooling, or the feature layer to end in an affine BatchNorm of {channels} channels; no Linear with "
+        f"in_features={channels} ran in the forward pass (saw in_features {[m.in_features for m in linears]})"
     )
 
 
@@ -134,14 +143,19 @@ def fine_pruning(model: nn.Module, task: Any, clean: Any, cfg: FinePruningConfig
     layer = task.feature_layer(model)
     activation, linears = channel_activations(model, task, clean, layer, cfg.activation_batch_size)
     channels = activation.numel()
-    head = find_head(linears, channels)
-    order = torch.argsort(activation.cpu(), stable=True).to(head.weight.device)
-    original = head.weight.detach().clone()
+    head, where = pruning_point(layer, linears, channels)
+    order = torch.argsort(activation.cpu(), stable=True).to(where[0][0].device)
+    originals = [t.detach().clone() for t, _ in where]
+
+    def zero(channels_: Tensor) -> None:
+        for t, dim in where:
+            t.index_fill_(dim, channels_, 0.0)
 
     def prune_first(k: int) -> None:
         with torch.no_grad():
-            head.weight.copy_(original)
-            head.weight[:, order[:k]] = 0
+            for (t, _), o in zip(where, originals, strict=True):
+                t.copy_(o)
+            zero(order[:k])
 
     acc_before = task.accuracy(model, clean)
     floor = (1 - cfg.tolerance) * acc_before
@@ -163,7 +177,7 @@ def fine_pruning(model: nn.Module, task: Any, clean: Any, cfg: FinePruningConfig
     pruned = order[:kept]
 
     def keep_pruned() -> None:
-        head.weight[:, pruned] = 0
+        zero(pruned)
 
     ft_info = finetune(model, task, clean, steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr,
                        final_lr=cfg.final_lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,

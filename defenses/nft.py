@@ -11,7 +11,8 @@ class (``task.samples_per_class``: all clean pairs for translation, which has no
 statistics adapt (dropout is on for a Transformer).
 The purified model is the masked model with masks folded into the weights (no pruning).
 
-Every choice is a config field, so ablations are configs of this one engine. Where the authors'
+Every choice is a config field, so ablations are configs of this one engine (``mix="cutmix"`` swaps MixUp for
+the task's CutMix, Yun et al., ICCV 2019, on images; ``mixup=False`` trains on plain batches). Where the authors'
 script crashes (undefined counters; a ``--val-frac`` flag that does not exist), this runs.
 """
 
@@ -37,6 +38,7 @@ class NFTConfig:
     momentum: float = 0.95
     mask_target: str | None = None  # None: the task's (bn_gamma; transformer for translation); see defenses.masking
     mixup: bool = True
+    mix: str = "mixup"  # mixup (the paper's) | cutmix (an ablation; image tasks)
     mixup_alpha: float = 1.0
     augment: bool = True
     eta: float = 1e-3
@@ -52,6 +54,8 @@ class NFTConfig:
             raise ValueError("nft needs lr > 0, final_lr >= 0 and momentum in [0, 1)")
         if self.eta < 0 or self.mixup_alpha <= 0:
             raise ValueError("nft needs eta >= 0 and mixup_alpha > 0")
+        if self.mix not in ("mixup", "cutmix"):
+            raise ValueError(f"nft mix must be 'mixup' or 'cutmix', got {self.mix!r}")
 
 
 def layer_floors(n_layers: int, alpha: float, beta: float) -> list[float]:
@@ -78,7 +82,12 @@ def nft(model: nn.Module, task: Any, clean: Any, cfg: NFTConfig, seed: int = 0) 
     try:
         for step in range(cfg.steps):
             batch = task.sample_batch(clean, cfg.batch_size, g, augment=cfg.augment)
-            loss = task.mixup_loss(model, batch, cfg.mixup_alpha, g) if cfg.mixup else task.loss(model, batch)
+            if not cfg.mixup:
+                loss = task.loss(model, batch)
+            elif cfg.mix == "cutmix":
+                loss = task.cutmix_loss(model, batch, cfg.mixup_alpha, g)
+            else:
+                loss = task.mixup_loss(model, batch, cfg.mixup_alpha, g)
             reg = sum((1 - m).abs().sum() for m in masks.masks) / per_class
             total = loss + cfg.eta * reg
             check_finite(total, "nft", step)

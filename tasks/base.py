@@ -217,6 +217,11 @@ class Task(ABC):
     def mixup_loss(self, model: nn.Module, batch: Batch, alpha: float, generator: torch.Generator) -> Tensor:
         """The task's MixUp: mix the batch with a permutation of itself, lambda ~ Beta(alpha, alpha)."""
 
+    def cutmix_loss(self, model: nn.Module, batch: Batch, alpha: float, generator: torch.Generator) -> Tensor:
+        """CutMix (Yun et al., ICCV 2019), for tasks whose inputs have a spatial layout (images); an alternative
+        augmentation for NFT's ablations."""
+        raise NotImplementedError(f"task {self.name!r} has no CutMix; use MixUp (nft mix=mixup)")
+
     @abstractmethod
     def accuracy(self, model: nn.Module, split: Any) -> float:
         """Clean task metric of ``model`` on ``split`` in [0, 1] (what a defender may select with)."""

@@ -8,6 +8,7 @@ quantised to uint8, as an attacker's released dataset would be.
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -220,6 +221,25 @@ class ImageClassificationTask(TensorBatches, Task):
         lam = beta_sample(alpha, generator)
         perm = torch.randperm(len(batch), generator=generator).to(self.device)
         x = lam * batch.inputs + (1 - lam) * batch.inputs[perm]
+        with autocast(self.device, self.amp):
+            logits = model(x).float()
+        return lam * F.cross_entropy(logits, batch.targets) + (1 - lam) * F.cross_entropy(logits, batch.targets[perm])
+
+    def cutmix_loss(self, model: nn.Module, batch: Batch, alpha: float, generator: torch.Generator) -> Tensor:
+        """CutMix (Yun et al., ICCV 2019), as its reference code: lambda ~ Beta(alpha, alpha), one box per batch of
+        area ~(1 - lambda) at a uniform centre (clipped at the border) pasted from a permutation of the batch,
+        lambda recomputed from the pasted area; loss = lambda * CE(y_a) + (1 - lambda) * CE(y_b)."""
+        lam = beta_sample(alpha, generator)
+        perm = torch.randperm(len(batch), generator=generator).to(self.device)
+        h, w = batch.inputs.shape[-2:]
+        cut = math.sqrt(1 - lam)
+        cy, cx = (int(v) for v in torch.randint(0, h, (1,), generator=generator).tolist()
+                  + torch.randint(0, w, (1,), generator=generator).tolist())
+        y0, y1 = max(cy - int(h * cut) // 2, 0), min(cy + int(h * cut) // 2, h)
+        x0, x1 = max(cx - int(w * cut) // 2, 0), min(cx + int(w * cut) // 2, w)
+        x = batch.inputs.clone()
+        x[..., y0:y1, x0:x1] = batch.inputs[perm][..., y0:y1, x0:x1]
+        lam = 1 - (y1 - y0) * (x1 - x0) / (h * w)
         with autocast(self.device, self.amp):
             logits = model(x).float()
         return lam * F.cross_entropy(logits, batch.targets) + (1 - lam) * F.cross_entropy(logits, batch.targets[perm])

@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -106,3 +108,36 @@ def test_unknown_target_and_empty_family_errors():
         NeuronMasks(make(), "heads")
     with pytest.raises(ValueError, match="no layernorm modules"):
         NeuronMasks(make(), "layernorm")
+
+
+def test_cutmix_pastes_one_box_and_weights_the_loss_by_its_area(digits_task, monkeypatch):
+    import tasks.image_classification as ic
+    from defenses import purify
+    from tasks import Batch
+
+    class Recorder(nn.Module):  # uniform logits: both CE terms are log 10, whatever the area
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def forward(self, inputs):
+            self.seen.append(inputs)
+            return torch.zeros(len(inputs), 10)
+
+    x, y = torch.rand(8, 1, 16, 16), torch.arange(8) % 10
+    monkeypatch.setattr(ic, "beta_sample", lambda alpha, generator: 0.75)  # a box of side ~16 * sqrt(0.25) = 8
+    model = Recorder()
+    loss = digits_task.cutmix_loss(model, Batch(x, y), 1.0, torch.Generator().manual_seed(3))
+    mixed = model.seen[0]
+    perm = torch.randperm(8, generator=torch.Generator().manual_seed(3))
+    pasted = (mixed != x).any(1).any(0)  # (H, W): where the partners' pixels went
+    rows, cols = pasted.any(1).nonzero().flatten(), pasted.any(0).nonzero().flatten()
+    box = (slice(int(rows.min()), int(rows.max()) + 1), slice(int(cols.min()), int(cols.max()) + 1))
+    assert torch.equal(mixed[..., box[0], box[1]], x[perm][..., box[0], box[1]])
+    outside = torch.ones(16, 16, dtype=torch.bool)
+    outside[box] = False
+    assert torch.equal(mixed[..., outside], x[..., outside])  # one rectangle, the rest untouched
+    assert 0 < pasted.float().mean() <= 0.25 + 1e-6
+    assert torch.allclose(loss, torch.tensor(math.log(10)))
+    with pytest.raises(ValueError, match="cutmix"):
+        purify("nft", digits_task.build_model(), digits_task, None, {"mix": "cutmx"})

@@ -18,7 +18,7 @@ from benchmarks.run import defend
 from benchmarks.victims import get_victim
 from defenses import DEFENSES, purify
 from defenses.clp import conv_bn_pairs
-from defenses.fine_pruning import channel_activations, find_head
+from defenses.fine_pruning import channel_activations, pruning_point
 from defenses.masking import NeuronMasks
 from tasks import Batch, CleanBudget, create_task
 from tasks.point_data import (
@@ -268,7 +268,7 @@ def test_full_pointnet_and_feature_transform_regularizer(pc_task):
     assert feature.conv.out_channels == 1024
     clean = cpu_task.clean_split(CleanBudget(None, per_class=1), seed=0)
     activation, linears = channel_activations(model, cpu_task, clean, feature, 64)
-    assert activation.shape == (1024,) and find_head(linears, 1024) is model.head[0].fc
+    assert activation.shape == (1024,) and pruning_point(feature, linears, 1024)[0] is model.head[0].fc
     pairs, unpaired = conv_bn_pairs(model, torch.device("cpu"))
     assert len(pairs) == 11 and all(p.direct for p in pairs)  # 3 + 3 T-Net convs, 2 + 3 shared-MLP convs
     assert len(unpaired) == 6  # the BNs after Linears: 2 per T-Net, 2 in the classifier
