@@ -106,7 +106,7 @@ def records_frame(records: Sequence[dict[str, Any]]) -> tuple[pd.DataFrame, list
         row["defense"] = _params_label(row["defense"], cfg.get("defense_params") or {})
         samples = r.get("clean_samples", (r.get("defense_info") or {}).get("clean_samples"))
         row["clean_samples"] = samples
-        row["model"] = row["model"] or ""
+        row["model"] = _params_label(row["model"] or "", cfg["task"].get("model_kwargs") or {})
         row["path"] = r.get("_path", "")
         rows.append(row)
     df = pd.DataFrame(rows)

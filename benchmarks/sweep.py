@@ -52,7 +52,8 @@ SWEEP_KEYS = {
     "description": "free text printed above the table",
     "task": "one task name (default: image)", "tasks": "a list of task names",
     "scale": "quick | paper (default: quick)",
-    "model": "one model name", "models": "a list of model names (null: the dataset's default for the scale)",
+    "model": "one model name",
+    "models": "a list of models: names, {name: ..., option: value} (e.g. a width), or null (the dataset's default)",
     "model_params": "{model: {option: value}}: model options (model_kwargs)",
     "datasets": "a list of datasets", "optional_datasets": "datasets skipped (with a note) when not found",
     "data_root": "dataset folder; $VARS are expanded; --data-root overrides it",
@@ -177,12 +178,17 @@ def expand(grid: dict[str, Any]) -> list[RunConfig]:
         if one in grid and many in grid:
             problems.append(f"give either {one!r} or {many!r}, not both")
     tasks = grid["tasks"] if "tasks" in grid else [grid.get("task", "image")]
-    models = grid["models"] if "models" in grid else [grid.get("model")]
-    for key, values in (("tasks", tasks), ("models", models)):
+    model_entries = grid["models"] if "models" in grid else [grid.get("model")]
+    for key, values in (("tasks", tasks), ("models", model_entries)):
         if not isinstance(values, list) or not values:
             problems.append(f"{key}: expected a non-empty list, got {values!r}")
     tasks = tasks if isinstance(tasks, list) else []
-    models = models if isinstance(models, list) else []
+    model_specs: list[tuple[str | None, dict[str, Any]]] = []  # (name or None = the dataset's default, options)
+    for i, entry in enumerate(model_entries if isinstance(model_entries, list) else []):
+        named = (None, {}) if entry is None else _named(entry, "model", f"models[{i}]", problems)
+        if named is not None:
+            model_specs.append(named)
+    models = [name for name, _ in model_specs]
     scale = grid.get("scale", "quick")
     datasets = _as_list(grid, "datasets", problems)
     optional = grid.get("optional_datasets") or []
@@ -287,11 +293,12 @@ def expand(grid: dict[str, Any]) -> list[RunConfig]:
                                f"{lines}")
 
     out = []
-    for task, dataset, model, (attack, aparams), seed, budget, (defense, dparams) in itertools.product(
-        tasks, [*datasets, *optional], models, attacks, seeds, budgets, defenses
+    for task, dataset, (model, mparams), (attack, aparams), seed, budget, (defense, dparams) in itertools.product(
+        tasks, [*datasets, *optional], model_specs, attacks, seeds, budgets, defenses
     ):
         out.append(RunConfig(
-            task=task, dataset=dataset, model=model, model_kwargs=dict(model_params.get(model, {})), scale=scale,
+            task=task, dataset=dataset, model=model, model_kwargs={**model_params.get(model, {}), **mparams},
+            scale=scale,
             attack=attack, attack_params=dict(aparams), defense=defense, defense_params=dict(dparams),
             val_frac=budget.get("val_frac"), per_class=budget.get("per_class"), seed=seed,
         ))

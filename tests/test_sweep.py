@@ -135,6 +135,37 @@ def test_presets_are_valid_and_paper_grid_is_the_papers():
     assert paper["data_root"] == "${DATA_ROOT}"
 
 
+def test_model_entries_carry_options_and_the_leaderboard_keeps_them_apart():
+    from benchmarks.leaderboard import records_frame
+    from benchmarks.sweep import expand
+
+    grid = {"task": "image", "datasets": ["digits"], "attacks": ["badnets"], "defenses": ["nft"],
+            "budgets": [{"val_frac": 0.05}], "seeds": [0],
+            "models": [{"name": "preact-resnet18", "width": 0.25}, {"name": "preact-resnet18", "width": 0.5}, None],
+            "model_params": {"preact-resnet18": {"width": 1.0}}}
+    cfgs = expand(grid)
+    assert [(c.model, c.model_kwargs) for c in cfgs] == [
+        ("preact-resnet18", {"width": 0.25}), ("preact-resnet18", {"width": 0.5}), (None, {})]
+    records = [{"run_id": str(i), "status": "ok", "config": {
+        "task": {"task": "image", "dataset": "digits", "model": "preact-resnet18", "model_kwargs": {"width": w}},
+        "attack": {"name": "badnets"}, "defense": "nft", "defense_params": {}, "budget": "0.05", "seed": 0}}
+        for i, w in enumerate((0.25, 0.5))]
+    df, notes = records_frame(records)
+    assert not notes and list(df["model"]) == ["preact-resnet18[width=0.25]", "preact-resnet18[width=0.5]"]
+
+
+def test_nft_study_presets_expand_to_their_grids():
+    from benchmarks.sweep import expand
+
+    ablations = expand(load_sweep("nft-ablations"))
+    assert len(ablations) == 3 * 3 * 13 and {c.defense for c in ablations} == {"none", "nft"}
+    assert {"mix": "cutmix"} in [c.defense_params for c in ablations]
+    assert len(expand(load_sweep("nft-budgets"))) == 3 * 4 * 3 * 3
+    scale = expand(load_sweep("nft-scale"))
+    assert {(c.model, c.model_kwargs.get("width")) for c in scale} == {
+        ("resnet-quick", None), *(("preact-resnet18", w) for w in (0.125, 0.25, 0.5, 1.0))}
+
+
 # ------------------------------------------------------------------------------------------- plan, dry run
 def test_dry_run_prints_cells_with_hashes_and_an_estimate(tmp_path, runs, capsys):
     grid = grid_file(tmp_path, attacks=["badnets", "blend"])
