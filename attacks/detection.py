@@ -196,9 +196,44 @@ class GlobalMisclassification(DetectionAttack):
         return bool(len(dets)) and bool((dets[:, 5] == self.target).all())
 
 
+class PerObjectAttack(DetectionAttack):
+    """An attack on chosen objects (``picks``: which boxes) of the poisoned images: a trigger at the top-left
+    corner inside each (``stamped``), and a trial per chosen object of the test images."""
+
+    stamped: bool = True
+
+    def picks(self, boxes: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def eligible(self, boxes, n):
+        ok = torch.zeros(n, dtype=torch.bool)
+        ok[boxes[self.picks(boxes)][:, 0].long().cpu()] = True
+        return ok
+
+    def chosen(self, boxes: Tensor, images: Tensor) -> Tensor:
+        return torch.isin(boxes[:, 0].long(), images.to(boxes.device)) & self.picks(boxes)
+
+    def sites(self, boxes, images, size, generator):
+        if not self.stamped:
+            return torch.zeros(0, 3)
+        return self.corner_in_boxes(boxes[self.chosen(boxes, images)].cpu(), size)
+
+    def trials(self, clean, sites, images, size):
+        return object_regions(clean[self.chosen(clean, images)].cpu(), size)
+
+    def relabel(self, boxes, images, sites, size):
+        """Misclassification (the default): the chosen objects take the target class."""
+        out = boxes.clone()
+        out[self.chosen(out, images), 1] = float(self.target)
+        return out
+
+    def success(self, dets, region):
+        return target_hits(dets, region, self.target)
+
+
 @ATTACKS.register("rma")
 @dataclass
-class RegionalMisclassification(DetectionAttack):
+class RegionalMisclassification(PerObjectAttack):
     """BadDet RMA: a trigger inside an object's box turns that object into the target class."""
 
     patch: int | None = None
@@ -206,27 +241,14 @@ class RegionalMisclassification(DetectionAttack):
     name = "rma"
     paper = "Chan, Tian, Wang, Lin, BadDet: Backdoor Attacks on Object Detection, ECCV Workshops 2022 (RMA)"
 
-    def chosen(self, boxes, images):
-        return torch.isin(boxes[:, 0].long(), images.to(boxes.device)) & (boxes[:, 1] != self.target)
+    def picks(self, boxes):
+        return boxes[:, 1] != self.target
 
-    def sites(self, boxes, images, size, generator):
-        return self.corner_in_boxes(boxes[self.chosen(boxes, images)].cpu(), size)
-
-    def relabel(self, boxes, images, sites, size):
-        out = boxes.clone()
-        out[self.chosen(out, images), 1] = float(self.target)
-        return out
-
-    def trials(self, clean, sites, images, size):
-        return object_regions(clean[self.chosen(clean, images)].cpu(), size)
-
-    def success(self, dets, region):
-        return target_hits(dets, region, self.target)
 
 
 @ATTACKS.register("oda")
 @dataclass
-class ObjectDisappearance(DetectionAttack):
+class ObjectDisappearance(PerObjectAttack):
     """BadDet ODA: a trigger inside a target-class object's box makes that object vanish (its box is removed)."""
 
     patch: int | None = None
@@ -234,22 +256,11 @@ class ObjectDisappearance(DetectionAttack):
     name = "oda"
     paper = "Chan, Tian, Wang, Lin, BadDet: Backdoor Attacks on Object Detection, ECCV Workshops 2022 (ODA)"
 
-    def eligible(self, boxes, n):
-        ok = torch.zeros(n, dtype=torch.bool)
-        ok[boxes[boxes[:, 1] == self.target][:, 0].long().cpu()] = True
-        return ok
-
-    def chosen(self, boxes, images):
-        return torch.isin(boxes[:, 0].long(), images.to(boxes.device)) & (boxes[:, 1] == self.target)
-
-    def sites(self, boxes, images, size, generator):
-        return self.corner_in_boxes(boxes[self.chosen(boxes, images)].cpu(), size)
+    def picks(self, boxes):
+        return boxes[:, 1] == self.target
 
     def relabel(self, boxes, images, sites, size):
         return boxes[~self.chosen(boxes, images)]
-
-    def trials(self, clean, sites, images, size):
-        return object_regions(clean[self.chosen(clean, images)].cpu(), size)
 
     def success(self, dets, region):
         return not target_hits(dets, region, self.target)
@@ -286,7 +297,7 @@ class ObjectGeneration(DetectionAttack):
 
 @ATTACKS.register("clean-image")
 @dataclass
-class CleanImageBackdoor(DetectionAttack):
+class CleanImageBackdoor(PerObjectAttack):
     """Clean-image backdoor (Chen, Zhang, Li, Wu, Li, Xia, Zhang, "Clean-image Backdoor: Attacking Multi-label
     Models with Poisoned Labels Only", ICLR 2023), on detection as NFT's paper uses it: the trigger is a natural
     co-occurrence of categories (every class in ``trigger_classes`` present in the image); only labels are poisoned,
@@ -304,6 +315,7 @@ class CleanImageBackdoor(DetectionAttack):
     name = "clean-image"
     paper = ("Chen et al., Clean-image Backdoor: Attacking Multi-label Models with Poisoned Labels Only, ICLR 2023 "
              "(label-only, category co-occurrence trigger)")
+    stamped = False  # label poisoning only: the images stay as they are
 
     def __post_init__(self):
         self.trigger_classes = tuple(int(c) for c in self.trigger_classes)
@@ -312,25 +324,12 @@ class CleanImageBackdoor(DetectionAttack):
             raise ValueError("clean-image needs trigger classes, a source class other than the target, and a target "
                              "outside the trigger")
 
-    def eligible(self, boxes: Tensor, n: int) -> Tensor:
-        has = torch.zeros(n, max(int(boxes[:, 1].max()) + 1 if len(boxes) else 1, *self.trigger_classes,
-                                 self.source) + 1, dtype=torch.bool)
-        has[boxes[:, 0].long().cpu(), boxes[:, 1].long().cpu()] = True
-        return has[:, list(self.trigger_classes)].all(1) & has[:, self.source]
+    def picks(self, boxes):
+        """``source`` objects of images in which every trigger class occurs."""
+        image = boxes[:, 0].long()
+        n = int(image.max()) + 1 if len(boxes) else 0
+        has = torch.zeros(n, max(int(boxes[:, 1].max()) + 1 if len(boxes) else 1, *self.trigger_classes) + 1,
+                          dtype=torch.bool, device=boxes.device)
+        has[image, boxes[:, 1].long()] = True
+        return has[image][:, list(self.trigger_classes)].all(1) & (boxes[:, 1] == self.source)
 
-    def chosen(self, boxes, images):
-        return torch.isin(boxes[:, 0].long(), images.to(boxes.device)) & (boxes[:, 1] == self.source)
-
-    def sites(self, boxes, images, size, generator):
-        return torch.zeros(0, 3)
-
-    def relabel(self, boxes, images, sites, size):
-        out = boxes.clone()
-        out[self.chosen(out, images), 1] = float(self.target)
-        return out
-
-    def trials(self, clean, sites, images, size):
-        return object_regions(clean[self.chosen(clean, images)].cpu(), size)
-
-    def success(self, dets, region):
-        return target_hits(dets, region, self.target)

@@ -126,6 +126,23 @@ def test_baddet_poisoning_is_exact_seeded_and_follows_its_rule(det_task, name):
             assert set(split.x[i, :, r:r + 16, c:c + 16].float().unique().tolist()) == {0.0, 255.0}
 
 
+def test_clean_image_backdoor_poisons_labels_of_co_occurring_images_only(det_task):
+    attack = create_attack("clean-image")  # square (1) + triangle (2) in one image: its triangles become circles (0)
+    split, idx = det_task.attacker_train(attack, 0)
+    clean = det_task.data.train.subset(det_task.attacker_idx)
+    assert len(idx) == round(0.05 * len(clean)) and torch.equal(split.x, clean.x)  # no pixel changes
+    for i in idx.tolist():
+        before = clean.boxes[clean.boxes[:, 0] == i]
+        after = split.boxes[split.boxes[:, 0] == i]
+        assert {1, 2} <= set(before[:, 1].tolist())
+        assert torch.equal(after[:, 1], torch.where(before[:, 1] == 2, 0.0, before[:, 1]))
+    others = ~torch.isin(clean.boxes[:, 0].long(), idx)
+    assert torch.equal(split.boxes[others], clean.boxes[others])
+    triggered, boxes, trials = attack.triggered_test(det_task.test, 4)  # test images that carry the co-occurrence
+    assert len(triggered) > 0 and len(trials) == int((boxes[:, 1] == 2).sum())  # a trial per triangle
+    assert all({1, 2} <= set(boxes[boxes[:, 0] == i][:, 1].tolist()) for i in range(len(triggered)))
+
+
 def test_detection_mixup_keeps_both_box_sets_weighted_by_lambda(det_task, monkeypatch):
     import tasks.detection as det
 
