@@ -109,7 +109,7 @@ DETECTION_DATASETS: Registry[Loader] = Registry("detection dataset")
 def load_detection_dataset(name: str, root: str | os.PathLike, cache_dir: str | os.PathLike, size: int,
                            download: bool = False) -> DetectionDataset:
     """Load ``name`` (a registered name or a dataset YAML path) letterboxed to ``size``, decoding once into
-    ``cache_dir``. ``download`` is refused with a note: detection sets are large; fetch them with Ultralytics."""
+    ``cache_dir``. Nothing is downloaded: a missing set with ``download`` says how to fetch it with Ultralytics."""
     if size < 32 or size % 32:
         raise ValueError(f"detection image size must be a multiple of 32 (YOLO's largest stride), got {size}")
     if name.endswith((".yaml", ".yml")):
@@ -126,12 +126,14 @@ def load_detection_dataset(name: str, root: str | os.PathLike, cache_dir: str | 
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         try:
-            root_path = Path(root).expanduser()
-            if download and name != "procedural" and not name.endswith((".yaml", ".yml")):
+            try:
+                arrays, classes, source = loader(Path(root).expanduser(), size, tmp)
+            except DatasetNotFoundError as e:
+                if not download:
+                    raise
                 raise DatasetNotFoundError(
-                    f"nftbench does not download {name}; fetch it once with Ultralytics (e.g. `yolo val data="
-                    f"{'VOC' if name == 'voc' else name}.yaml`) and pass its folder as --data-root")
-            arrays, classes, source = loader(root_path, size, tmp)
+                    f"{e}\nnftbench does not download detection sets; fetch it once with Ultralytics (e.g. `yolo val "
+                    f"data={'VOC' if name == 'voc' else name}.yaml`) and pass its folder as --data-root") from e
             write_cache(tmp, arrays, classes, source)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
