@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import difflib
 import math
+import os
+import shutil
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar, Generic, TypeVar
 
 import numpy as np
@@ -337,3 +340,20 @@ def beta_sample(alpha: float, generator: torch.Generator) -> float:
     """lambda ~ Beta(alpha, alpha), reproducible from a torch generator."""
     seed = int(torch.randint(0, 2**62, (1,), generator=generator))
     return float(np.random.default_rng(seed).beta(alpha, alpha))
+
+
+def build_cache(cache: Path, build: Callable[[Path], None]) -> Path:
+    """``cache`` (a folder holding ``meta.json``), built once by ``build(tmp)`` in a sibling temporary folder that
+    replaces it only when complete: a killed run leaves no half-written cache."""
+    if not (cache / "meta.json").is_file():
+        tmp = cache.with_name(cache.name + f".tmp{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        try:
+            build(tmp)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        shutil.rmtree(cache, ignore_errors=True)
+        os.replace(tmp, cache)
+    return cache

@@ -24,7 +24,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -34,7 +33,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from tasks.base import Registry
+from tasks.base import Registry, build_cache
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 PAD_VALUE = 114  # Ultralytics' LetterBox fill
@@ -121,25 +120,19 @@ def load_detection_dataset(name: str, root: str | os.PathLike, cache_dir: str | 
     else:
         loader, key = DETECTION_DATASETS.get(name), name
     cache = Path(cache_dir) / "datasets" / f"detection-{key}-s{size}"
-    if not (cache / "meta.json").is_file():
-        tmp = cache.with_name(cache.name + f".tmp{os.getpid()}")  # a killed run leaves no half-written cache
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+
+    def build(tmp: Path) -> None:
         try:
-            try:
-                arrays, classes, source = loader(Path(root).expanduser(), size, tmp)
-            except DatasetNotFoundError as e:
-                if not download:
-                    raise
-                raise DatasetNotFoundError(
-                    f"{e}\nnftbench does not download detection sets; fetch it once with Ultralytics (e.g. `yolo val "
-                    f"data={'VOC' if name == 'voc' else name}.yaml`) and pass its folder as --data-root") from e
-            write_cache(tmp, arrays, classes, source)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        shutil.rmtree(cache, ignore_errors=True)
-        os.replace(tmp, cache)
+            arrays, classes, source = loader(Path(root).expanduser(), size, tmp)
+        except DatasetNotFoundError as e:
+            if not download:
+                raise
+            raise DatasetNotFoundError(
+                f"{e}\nnftbench does not download detection sets; fetch it once with Ultralytics (e.g. `yolo val "
+                f"data={'VOC' if name == 'voc' else name}.yaml`) and pass its folder as --data-root") from e
+        write_cache(tmp, arrays, classes, source)
+
+    build_cache(cache, build)
     meta = json.loads((cache / "meta.json").read_text())
 
     def images(k: str) -> Tensor:  # memory-mapped copy-on-write: pages are read as batches touch them

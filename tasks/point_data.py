@@ -29,7 +29,6 @@ import hashlib
 import json
 import math
 import os
-import shutil
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -39,7 +38,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from tasks.base import LabelledTensors, Registry
+from tasks.base import LabelledTensors, Registry, build_cache
 
 
 class DatasetNotFoundError(FileNotFoundError):
@@ -85,18 +84,7 @@ def load_point_dataset(name: str, root: str | os.PathLike, cache_dir: str | os.P
     if num_points < 1:
         raise ValueError(f"num_points must be >= 1, got {num_points}")
     cache = Path(cache_dir) / "datasets" / f"{name}-p{num_points}"
-    if not (cache / "meta.json").is_file():
-        tmp = cache.with_name(cache.name + f".tmp{os.getpid()}")  # a killed run leaves no half-written cache
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        try:
-            arrays, classes, source = loader(Path(root).expanduser(), download, num_points, tmp)
-            write_cache(tmp, arrays, classes, source)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        shutil.rmtree(cache, ignore_errors=True)
-        os.replace(tmp, cache)
+    build_cache(cache, lambda tmp: write_cache(tmp, *loader(Path(root).expanduser(), download, num_points, tmp)))
     meta = json.loads((cache / "meta.json").read_text())
     a = {k: torch.from_numpy(np.load(cache / f"{k}.npy", allow_pickle=False)) for k in ARRAYS}
     return PointDataset(name=name, train=PointSet(a["train_x"].float(), a["train_y"].long()),

@@ -33,7 +33,6 @@ import gzip
 import hashlib
 import json
 import os
-import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,7 +41,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from tasks.base import Registry
+from tasks.base import Registry, build_cache
 
 
 class DatasetNotFoundError(FileNotFoundError):
@@ -141,25 +140,19 @@ def load_corpus(name: str, root: str | os.PathLike, cache_dir: str | os.PathLike
     """Load corpus ``name`` (read once into the text cache under ``cache_dir``)."""
     loader = TRANSLATION_DATASETS.get(name)
     cache = Path(cache_dir) / "datasets" / f"translation-{name}"
-    if not (cache / "meta.json").is_file():
-        tmp = cache.with_name(cache.name + f".tmp{os.getpid()}")  # a killed run leaves no half-written cache
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        try:
-            parts, source = loader(Path(root).expanduser(), download, tmp)
-            digest = hashlib.sha256()
-            for k in PARTS:
-                text = "\n".join(clean_line(s) for s in parts[k])
-                (tmp / k).write_text(text, encoding="utf-8")
-                digest.update(k.encode() + text.encode())
-            sizes = {k: len(parts[k]) for k in PARTS}
-            meta = {"fingerprint": digest.hexdigest()[:16], "source": source, "sizes": sizes}
-            (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        shutil.rmtree(cache, ignore_errors=True)
-        os.replace(tmp, cache)
+
+    def build(tmp: Path) -> None:
+        parts, source = loader(Path(root).expanduser(), download, tmp)
+        digest = hashlib.sha256()
+        for k in PARTS:
+            text = "\n".join(clean_line(s) for s in parts[k])
+            (tmp / k).write_text(text, encoding="utf-8")
+            digest.update(k.encode() + text.encode())
+        sizes = {k: len(parts[k]) for k in PARTS}
+        meta = {"fingerprint": digest.hexdigest()[:16], "source": source, "sizes": sizes}
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+
+    build_cache(cache, build)
     meta = json.loads((cache / "meta.json").read_text())
     text = {k: (cache / k).read_text(encoding="utf-8").split("\n") for k in PARTS}
     return ParallelCorpus(name, text["train.src"], text["train.tgt"], text["test.src"], text["test.tgt"],
