@@ -4,6 +4,7 @@ from attacks import (  # noqa: F401  (each module registers its attacks)
     detection,
     image,
     image_composite,
+    image_feature,
     image_generative,
     image_optimised,
     image_signal,

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
-from tasks.base import Registry
+from tasks.base import Registry, options_for
 
 MODES = ("all-to-one", "all-to-all")
 
@@ -52,6 +52,11 @@ class Attack:
         """The victim, for attacks that train their trigger jointly with it (Input-aware, LIRA); ``None``: the
         task's recipe trains it on the poisoned ``split``."""
         return None
+
+    def victim_info(self) -> dict[str, Any]:
+        """Facts about the trigger worth keeping in the victim's ``victim.json`` (``attack_info``): an auxiliary
+        network's quality, a training log. Called right after the victim is trained."""
+        return {}
 
     def artifacts(self) -> dict[str, Tensor]:
         """Tensors the trigger needs after training (a generator's weights), saved with the victim."""
@@ -103,8 +108,4 @@ ATTACKS: Registry[type[Attack]] = Registry("attack")
 def create_attack(name: str, **params: Any) -> Attack:
     """Build a registered attack; unknown parameters get an error listing the valid ones."""
     cls = ATTACKS.get(name)
-    valid = {f.name for f in fields(cls)}
-    unknown = set(params) - valid
-    if unknown:
-        raise ValueError(f"attack {name!r} has no parameter(s) {sorted(unknown)}; valid: {sorted(valid)}")
-    return cls(**params)
+    return cls(**options_for(cls, params, f"attack {name!r}"))

@@ -20,7 +20,7 @@ from __future__ import annotations
 import copy
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -105,6 +105,28 @@ def victim_optimizer(model: nn.Module, recipe: dict[str, Any], n: int) -> tuple[
     from benchmarks.victims import recipe_optimizer, steps_per_epoch
 
     return *recipe_optimizer(model, recipe, n), steps_per_epoch(n, recipe["batch_size"])
+
+
+def load_or_train(task: Any, key: str, nets: nn.Module, stem: str, train: Callable[[], dict[str, Any]]
+                  ) -> dict[str, Any]:
+    """Load ``nets`` from ``<task.cache_dir>/attacks/<key>/<stem>.safetensors``, training them first when absent
+    (``train()`` fits ``nets`` in place and returns stats, written beside the weights as ``<stem>.json``); return the
+    stats. Locked like a victim, so concurrent workers train once; the JSON is written last, so an interrupted write
+    is retrained. Leaves ``nets`` frozen in eval mode."""
+    from benchmarks.victims import victim_lock  # benchmarks imports attacks: import at call time
+
+    d = task.cache_dir / "attacks" / key
+    with victim_lock(d):
+        if not (d / f"{stem}.json").is_file():
+            stats = train()
+            d.mkdir(parents=True, exist_ok=True)
+            tmp = d / f".{stem}.safetensors.tmp{os.getpid()}"
+            save_file({k: v.detach().cpu().contiguous() for k, v in nets.state_dict().items()}, str(tmp))
+            os.replace(tmp, d / f"{stem}.safetensors")
+            atomic_write_text(d / f"{stem}.json", json.dumps(stats, indent=1))
+    nets.load_state_dict(load_state(d / f"{stem}.safetensors"))
+    nets.eval().requires_grad_(False)
+    return json.loads((d / f"{stem}.json").read_text())
 
 
 def conv_bn(cin: int, cout: int, relu: bool = True) -> nn.Sequential:
@@ -523,8 +545,6 @@ class Issba(ImageAttack):
         return {"task": task.config(), "attack": {k: v for k, v in self.config().items() if k in keys}}
 
     def prepare(self, task: Any) -> None:
-        from benchmarks.victims import victim_lock  # benchmarks imports attacks: import at call time
-
         key = (config_hash(self.encoder_config(task)), str(task.device))
         if getattr(self, "_key", None) == key:
             return
@@ -536,17 +556,11 @@ class Issba(ImageAttack):
                                        "decoder": StegaDecoder(shape[0], bits, width)}).to(task.device)
         secret = torch.rand(bits, generator=torch.Generator().manual_seed(self.seed)) < 0.5
         self.secret = secret.float().to(task.device)
-        d = task.cache_dir / "attacks" / key[0]
-        with victim_lock(d):
-            if not (d / "encoder.json").is_file():
-                self.train_encoder(task, d)
-        self.nets.load_state_dict(load_state(d / "encoder.safetensors"))
-        self.nets.eval().requires_grad_(False)
-        self.stats = json.loads((d / "encoder.json").read_text())
+        self.stats = load_or_train(task, key[0], self.nets, "encoder", lambda: self.train_encoder(task))
         self._key = key
 
-    def train_encoder(self, task: Any, d: Any) -> None:
-        """Train encoder + decoder on the attacker's clean images; write weights, then the JSON with their quality."""
+    def train_encoder(self, task: Any) -> dict[str, Any]:
+        """Train encoder + decoder on the attacker's clean images; return their quality (bit accuracy, PSNR)."""
         images, dev = task.data.train.x, task.device
         pool = task.attacker_idx
         g = torch.Generator().manual_seed(self.seed + 1)
@@ -572,13 +586,11 @@ class Issba(ImageAttack):
             x = images[pool[:1024]].to(dev).float() / 255
             encoded = (self.apply(x) * 255).round() / 255
             bit_acc = ((self.nets["decoder"](encoded) > 0).float() == self.secret).float().mean()
-            stats = {"bit_accuracy": float(bit_acc), "psnr_db": float(psnr(encoded, x).mean()),
-                     "secret_bits": len(self.secret), "config": self.encoder_config(task)}
-        d.mkdir(parents=True, exist_ok=True)
-        tmp = d / f".encoder.safetensors.tmp{os.getpid()}"
-        save_file({k: v.detach().cpu().contiguous() for k, v in self.nets.state_dict().items()}, str(tmp))
-        os.replace(tmp, d / "encoder.safetensors")
-        atomic_write_text(d / "encoder.json", json.dumps(stats, indent=1))
+            return {"bit_accuracy": float(bit_acc), "psnr_db": float(psnr(encoded, x).mean()),
+                    "secret_bits": len(self.secret), "config": self.encoder_config(task)}
+
+    def victim_info(self) -> dict[str, Any]:
+        return {k: v for k, v in self.stats.items() if k != "config"}
 
     @torch.no_grad()
     def apply(self, x: Tensor) -> Tensor:

@@ -16,7 +16,8 @@ A sweep is planned, validated and then executed:
    record with ``status: error``; the sweep goes on. Victims are shared through the victim cache, which a
    per-victim file lock keeps from being trained twice at once.
 4. **Collect**: ``<out>/results.csv`` is rebuilt from the records after every cell and at the end (written
-   atomically, one row per cell of the grid, errors included), then ``<out>/table.md``.
+   atomically, one row per record of the folder, errors included: the grid's cells first), then ``<out>/table.md``
+   (the grid's cells).
 
 Each cell's stdout, stderr and logging go to ``<out>/logs/<run_id>.log``. A sweep killed at any point
 (even SIGKILL) is resumed by running it again: finished cells are skipped, the interrupted one reruns.
@@ -747,19 +748,24 @@ def run_ray(todo: list[Cell], paths: Paths, out: Path, address: str | None, coll
 
 # --------------------------------------------------------------------------------------------------- results
 def rebuild_csv(out: Path, run_ids: list[str]) -> Path:
-    """Write ``out/results.csv`` (atomically) from ``out/records/<run_id>.json``, one row per id that has a
-    record, in the given order. Nothing else ever writes the CSV, so it cannot be half-written or duplicated."""
+    """Write ``out/results.csv`` (atomically) from ``out/records/*.json``: one row per id of ``run_ids`` that has
+    a record, in that order, then every other record of the folder (by start time), so sweeps sharing a folder
+    (cifar10-quick and cifar10-quick-all) never drop each other's rows. Nothing else ever writes the CSV, so it
+    cannot be half-written or duplicated."""
     import csv
     import io
 
-    rows = []
-    for run_id in run_ids:
-        p = out / "records" / f"{run_id}.json"
+    def read(p: Path) -> dict[str, Any] | None:
         try:
-            record = json.loads(p.read_text())
+            return json.loads(p.read_text())
         except (OSError, ValueError):
-            continue
-        rows.append({k: ("" if v is None else v) for k, v in record_row(record).items()})
+            return None
+
+    records = [read(out / "records" / f"{run_id}.json") for run_id in run_ids]
+    listed = set(run_ids)
+    others = [read(p) for p in sorted((out / "records").glob("*.json")) if p.stem not in listed]
+    others = sorted((r for r in others if r and "run_id" in r), key=lambda r: str(r.get("started", "")))
+    rows = [{k: ("" if v is None else v) for k, v in record_row(r).items()} for r in records + others if r]
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, extrasaction="ignore")
     writer.writeheader()
@@ -792,6 +798,7 @@ def write_table(plan: Plan, out: Path) -> Any:
     from benchmarks.bench import markdown_table
 
     df = pd.read_csv(out / "results.csv", keep_default_na=True)[CSV_COLUMNS]
+    df = df[df.run_id.astype(str).isin({c.run_id for c in plan.cells})]  # this grid's cells; the CSV has them all
     table = markdown_table(df)
     failed = df[df.status != "ok"]
     if len(failed):

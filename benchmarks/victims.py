@@ -176,6 +176,9 @@ def _train_victim(task: Task, attack: Attack | None, seed: int, config: dict[str
         "device": device_name(task.device), "versions": versions(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
+    info = attack.victim_info() if attack is not None else {}
+    if info:
+        meta["attack_info"] = info
     artifacts = attack.artifacts() if attack is not None else {}
     if artifacts:  # before the victim files: a victim counts as cached only once both exist
         d.mkdir(parents=True, exist_ok=True)

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from tasks.base import Registry
+from tasks.base import Registry, options_for
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -39,12 +39,7 @@ class DefenseSpec:
     paper: str
 
     def make_config(self, overrides: dict[str, Any] | None = None) -> Any:
-        overrides = dict(overrides or {})
-        valid = {f.name for f in fields(self.config_cls)}
-        unknown = set(overrides) - valid
-        if unknown:
-            raise ValueError(f"defence {self.name!r} has no option(s) {sorted(unknown)}; valid: {sorted(valid)}")
-        return self.config_cls(**overrides)
+        return self.config_cls(**options_for(self.config_cls, overrides or {}, f"defence {self.name!r}"))
 
 
 DEFENSES: Registry[DefenseSpec] = Registry("defence")

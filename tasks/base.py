@@ -14,9 +14,9 @@ import os
 import shutil
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, ClassVar, Generic, TypeVar
+from typing import Any, ClassVar, Generic, TypeVar, get_args, get_type_hints
 
 import numpy as np
 import torch
@@ -65,6 +65,30 @@ class Registry(Generic[T]):
 
     def __contains__(self, name: str) -> bool:
         return name in self._items
+
+
+def options_for(cls: type, params: dict[str, Any], what: str) -> dict[str, Any]:
+    """``params`` checked against the dataclass ``cls``'s fields: an unknown key gets an error listing the valid
+    ones, and a string given for a float or int field is converted. YAML 1.1 (PyYAML) reads ``1e-3`` as the
+    string ``'1e-3'`` (it wants ``1.0e-3``), in sweep files and ``--set`` values alike."""
+    valid = {f.name for f in fields(cls)}
+    unknown = set(params) - valid
+    if unknown:
+        raise ValueError(f"{what} has no option(s) {sorted(unknown)}; valid: {sorted(valid)}")
+    hints = get_type_hints(cls)
+    out = dict(params)
+    for key, value in params.items():
+        kind = hints.get(key)
+        numeric = [t for t in (kind, *get_args(kind)) if t in (float, int)]
+        kind = numeric[0] if numeric else kind
+        if isinstance(value, str) and kind in (float, int):
+            try:
+                out[key] = kind(value)
+            except ValueError:
+                raise ValueError(f"{what}: option {key!r} must be a number ({kind.__name__}), got {value!r}") from None
+        elif isinstance(value, int) and not isinstance(value, bool) and kind is float:
+            out[key] = float(value)
+    return out
 
 
 @dataclass

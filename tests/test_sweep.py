@@ -290,6 +290,18 @@ def test_sigkill_mid_cell_then_rerun_skips_finished_and_reruns_the_interrupted(t
     assert not list(out.rglob(".*.tmp*"))
 
 
+def test_sweeps_sharing_a_folder_keep_each_others_rows(tmp_path, runs):
+    paths = Paths(runs_dir=runs, device="cpu")
+    out = tmp_path / "out"
+    run_sweep(load_sweep(grid_file(tmp_path, name="first", defenses=["none"])), out, paths, log=lambda s: None)
+    run_sweep(load_sweep(grid_file(tmp_path, name="second", defenses=[{"name": "nft", "steps": 5}])), out, paths,
+              log=lambda s: None)
+    df = pd.read_csv(out / "results.csv")
+    assert list(df.defense) == ["nft", "none"]  # this grid's cells first, then the folder's other records
+    table = (out / "table.md").read_text()
+    assert table.startswith("# second") and "| none |" not in table
+
+
 def test_csv_is_rebuilt_from_records_only(tmp_path):
     (tmp_path / "records").mkdir()
     (tmp_path / "records" / "broken.json").write_text('{"run_id": "bro')  # never happens (atomic), still safe
@@ -356,7 +368,7 @@ def test_ray_executor_on_a_local_instance(tmp_path, runs, ray_local):
 @pytest.mark.parametrize("damage, expected", [
     (lambda m: m["config"]["task"].update(colour=3), "unexpected keyword argument 'colour'"),
     (lambda m: m["config"]["attack"].update(poison_rate=2), "poison_rate must be in [0, 1], got 2"),
-    (lambda m: m["config"]["attack"].update(sparkle=1), "has no parameter(s) ['sparkle']"),
+    (lambda m: m["config"]["attack"].update(sparkle=1), "has no option(s) ['sparkle']"),
     (lambda m: m["config"].pop("task"), "KeyError"),
     (None, "JSONDecodeError"),
 ])
@@ -377,3 +389,19 @@ def test_damaged_victim_config_is_one_clear_error(tmp_path, capsys, damage, expe
     err = capsys.readouterr().err
     assert e.value.code == 2 and "is not a valid victim config" in err and expected in err
     assert "retrain the victim" in err and "Traceback" not in err
+
+
+def test_yaml_exponents_reach_configs_as_numbers(tmp_path):
+    """PyYAML reads ``1e-3`` as a string; options typed float or int are converted, nonsense is refused."""
+    import yaml
+
+    from attacks import create_attack
+    from benchmarks.cli import parse_params
+    from defenses import DEFENSES
+
+    grid = yaml.safe_load("lr: 1e-2\nweight_decay: 5e-4\nepochs: '3'")
+    cfg = DEFENSES.get("nad").make_config(grid)
+    assert (cfg.lr, cfg.weight_decay, cfg.epochs) == (0.01, 5e-4, 3)
+    assert create_attack("blend", **parse_params(["alpha=2e-1"])).alpha == 0.2
+    with pytest.raises(ValueError, match="option 'lr' must be a number"):
+        DEFENSES.get("nad").make_config({"lr": "fast"})
