@@ -89,13 +89,16 @@ def sunrise(size: int = 128, seed: int = 0) -> Tensor:
 
 def read_style_image(path: str | Path) -> Tensor:
     """An image file as (3, H, W) in [0, 1], or one clear error."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
     try:
         with Image.open(path) as im:
             return torch.from_numpy(np.asarray(im.convert("RGB"), dtype=np.float32) / 255).permute(2, 0, 1)
-    except (FileNotFoundError, UnidentifiedImageError, OSError) as e:
-        raise ValueError(f"fba style_image {str(path)!r} is not a readable image ({e}); pass an image file "
+    # OSError covers a missing or unidentified file; ImportError: Ultralytics, once imported, patches Image.open to
+    # try an optional HEIF plugin on files PIL cannot identify; SyntaxError/ValueError: some truncated headers.
+    except (OSError, ImportError, SyntaxError, ValueError) as e:
+        why = "PIL cannot identify it" if isinstance(e, ImportError) else str(e)
+        raise ValueError(f"fba style_image {str(path)!r} is not a readable image ({why}); pass an image file "
                          "(e.g. the authors' data/trigger/dfst/sunrise.png) or leave it unset for the drawn sunrise"
                          ) from None
 

@@ -5,7 +5,8 @@ records folder) and writes:
 
 - ``<out>/<task>/<dataset>.csv``: one row per (model, scale, attack, defence, clean budget), means and sample
   standard deviations over seeds of the metrics after the defence, the victim's metrics before it (mean), the
-  defence's wall time, and the number of failed runs (status other than ``ok``) of that cell;
+  defence's wall time and its ratio to NFT's on the same victim, budget and seed (``time_vs_nft``), and the number
+  of failed runs (status other than ``ok``) of that cell;
 - ``<out>/LEADERBOARD.md``: one markdown table per task/dataset (accuracies in %), with the command that
   regenerates it at the top; failed runs are counted in their row and listed under the table, never dropped;
 - ``<out>/plots/<task>_<dataset>_{asr_vs_acc,runtime,nft_budget}.png`` (matplotlib, Agg canvas).
@@ -30,8 +31,9 @@ from benchmarks.records import record_row
 GROUP_KEYS = ["task", "dataset", "model", "scale", "attack", "defense", "budget"]
 METRICS = [  # (column of results.csv, prefix of the leaderboard's mean/std columns)
     ("clean_acc_after", "clean_acc"), ("asr_after", "asr"), ("ra_after", "ra"), ("der", "der"),
-    ("defense_time_s", "defense_time_s"),
+    ("defense_time_s", "defense_time_s"), ("time_vs_nft", "time_vs_nft"),
 ]
+VICTIM_KEYS = ["task", "dataset", "model", "scale", "attack", "budget", "seed"]
 BEFORE = ["clean_acc_before", "asr_before", "ra_before"]
 LEADERBOARD_COLUMNS = (
     GROUP_KEYS + ["clean_samples", "n_seeds", "seeds", "failed"] + BEFORE
@@ -112,11 +114,17 @@ def records_frame(records: Sequence[dict[str, Any]]) -> tuple[pd.DataFrame, list
     df = pd.DataFrame(rows)
     if df.empty:
         return df, notes
-    for col in BEFORE + [c for c, _ in METRICS] + ["clean_samples", "seed"]:
+    for col in BEFORE + [c for c, _ in METRICS if c != "time_vs_nft"] + ["clean_samples", "seed"]:
         df[col] = pd.to_numeric(df[col], errors="coerce")
     df["budget"] = df["budget"].astype(str)
     df["attack"] = _attack_labels(df)
-    return df, notes
+    # each run's defence time over NFT's (paper defaults) on the same victim, clean budget and seed: a ratio
+    # measured side by side, where absolute CPU times mean little
+    nft = df[(df["defense"] == "nft") & (df["status"] == "ok")].groupby(VICTIM_KEYS, dropna=False)
+    nft_time = nft["defense_time_s"].mean().rename("nft_time_s")
+    df = df.join(nft_time, on=VICTIM_KEYS)
+    df["time_vs_nft"] = df["defense_time_s"] / df["nft_time_s"]
+    return df.drop(columns="nft_time_s"), notes
 
 
 def _attack_labels(df: pd.DataFrame) -> pd.Series:
@@ -204,17 +212,19 @@ def markdown_section(task: str, dataset: str, agg: pd.DataFrame, failed: pd.Data
                      plots: dict[str, str]) -> str:
     lines = [f"## {task} / {dataset}", ""]
     head = ("| model | scale | attack | clean data | defence | seeds | C-ACC before | ASR before | C-ACC | ASR | RA "
-            "| DER | time (s) | failed |")
-    lines += [head, "|" + "---|" * 14]
+            "| DER | time (s) | x NFT | failed |")
+    lines += [head, "|" + "---|" * 15]
     for _, r in agg.iterrows():
         clean = r["budget"] + ("" if pd.isna(r["clean_samples"]) else f" ({int(r['clean_samples'])})")
         runs = r["n_seeds"] + r["failed"]
         failed_cell = "0" if r["failed"] == 0 else f"**{r['failed']} of {runs} FAILED**"
         if r["n_seeds"] == 0:
-            metrics = ["**FAILED**"] * 5
+            metrics = ["**FAILED**"] * 6
         else:
             metrics = [_pct(r[f"{m}_mean"], r[f"{m}_std"]) for m in ("clean_acc", "asr", "ra", "der")]
             metrics.append(_secs(r["defense_time_s_mean"], r["defense_time_s_std"]))
+            ratio = r["time_vs_nft_mean"]
+            metrics.append("-" if pd.isna(ratio) or r["defense_name"] == "none" else f"{ratio:.2f}")
         before = [_pct(r["clean_acc_before"], np.nan), _pct(r["asr_before"], np.nan)]
         cells = [r["model"] or "-", r["scale"] or "-", r["attack"], clean, r["defense"], str(r["n_seeds"])]
         lines.append("| " + " | ".join([*cells, *before, *metrics, failed_cell]) + " |")
@@ -370,7 +380,8 @@ def build_leaderboard(roots: Sequence[str | Path], out: str | Path, command: str
         f"{len(df)} run records ({n_failed} failed) from {', '.join(f'`{r}`' for r in roots)}. One row per model, "
         "scale, attack, defence and clean budget (with its number of clean samples); accuracies in %, mean ± "
         "sample std over the seeds that finished (the mean alone for one seed); *before* is the victim before "
-        "any defence; time is the defence's wall time in seconds. A failed run (status not `ok`) is counted in "
+        "any defence; time is the defence's wall time in seconds, and *x NFT* the mean of its ratios to NFT's (paper "
+        "defaults) on the same victim, clean budget and seed. A failed run (status not `ok`) is counted in "
         "its row's *failed* column and listed under its table; a row whose every run failed reads **FAILED**.",
         "",
     ]

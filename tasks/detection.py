@@ -59,6 +59,9 @@ RECIPES = {  # Ultralytics' defaults: SGD lr 0.01, momentum 0.937, weight decay 
 EVAL_CONF, EVAL_IOU = 0.001, 0.7  # Ultralytics' validator
 PREDICT_CONF = 0.25  # Ultralytics' predictor: what counts as "detected" for ASR
 RESERVE_FRACTION = 0.1
+# Ultralytics pip-installs missing optional packages at run time (e.g. a HEIF plugin when PIL meets a file it
+# cannot identify); the suite installs only through its own files, so that is off unless a user turns it on.
+os.environ.setdefault("YOLO_AUTOINSTALL", "false")
 
 
 def require_ultralytics() -> None:

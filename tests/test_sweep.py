@@ -161,6 +161,9 @@ def test_nft_study_presets_expand_to_their_grids():
     assert len(ablations) == 3 * 3 * 13 and {c.defense for c in ablations} == {"none", "nft"}
     assert {"mix": "cutmix"} in [c.defense_params for c in ablations]
     assert len(expand(load_sweep("nft-budgets"))) == 3 * 4 * 3 * 3
+    dev = expand(load_sweep("nft-dev-digits"))
+    assert len(dev) == 3 * 3 * 13 and {c.dataset for c in dev} == {"digits"}
+    assert {str(c.defense_params) for c in dev} == {str(c.defense_params) for c in ablations}  # same variants
     scale = expand(load_sweep("nft-scale"))
     assert {(c.model, c.model_kwargs.get("width")) for c in scale} == {
         ("resnet-quick", None), *(("preact-resnet18", w) for w in (0.125, 0.25, 0.5, 1.0))}
@@ -405,3 +408,22 @@ def test_yaml_exponents_reach_configs_as_numbers(tmp_path):
     assert create_attack("blend", **parse_params(["alpha=2e-1"])).alpha == 0.2
     with pytest.raises(ValueError, match="option 'lr' must be a number"):
         DEFENSES.get("nad").make_config({"lr": "fast"})
+
+
+def test_variant_selection_ranks_by_development_der_and_needs_a_paired_gain():
+    """benchmarks/select.py: the best mean DER wins; it beats the default only by > 2 SE of the paired gain."""
+    from benchmarks.select import rank_variants
+
+    rows = []
+    for seed, (base, steady, noisy) in enumerate([(0.60, 0.70, 0.95), (0.62, 0.71, 0.30), (0.58, 0.69, 0.80)]):
+        for label, der in (("nft", base), ("nft[eta=0.0]", steady), ("nft[steps=250]", noisy)):
+            rows.append({"task": "image", "dataset": "digits", "model": "resnet-tiny", "attack": "badnets",
+                         "budget": "0.05", "seed": seed, "status": "ok", "defense_name": "nft", "defense": label,
+                         "clean_acc_before": 0.99, "clean_acc_after": 0.95, "asr_after": 0.1, "der": der,
+                         "defense_time_s": 10.0})
+    rows.append({**rows[0], "defense_name": "ft", "defense": "ft", "der": 1.0})  # another defence: not ranked
+    ranked = rank_variants(pd.DataFrame(rows))
+    assert list(ranked.variant) == ["nft[eta=0.0]", "nft[steps=250]", "nft"]
+    verdict = dict(zip(ranked.variant, ranked.beats_default, strict=True))
+    assert verdict == {"nft[eta=0.0]": True, "nft[steps=250]": False, "nft": False}
+    assert ranked.loc[ranked.variant == "nft[eta=0.0]", "gain_vs_default"].item() == pytest.approx(10.0)
