@@ -83,7 +83,8 @@ def test_leaderboard_csv_markdown_and_plots(results, tmp_path):
     assert cell[("badnets", "nft", "0.01")]["failed"] == "1"
     assert "NonFiniteLossError" in cell[("badnets", "nft", "0.01")]["errors"]
     assert cell[("badnets", "ft", "0.01")]["failed"] == "0"
-    assert float(cell[("badnets", "ft", "0.01")]["time_vs_nft_mean"]) == pytest.approx((100 / 10 + 140 / 12) / 2, rel=1e-4)
+    ratio = float(cell[("badnets", "ft", "0.01")]["time_vs_nft_mean"])
+    assert ratio == pytest.approx((100 / 10 + 140 / 12) / 2, rel=1e-4)  # the mean of per-seed ratios
     assert float(cell[("badnets", "nft", "0.01")]["time_vs_nft_mean"]) == pytest.approx(1.0)
     one = cell[("badnets", "nft", "1/class")]
     assert one["n_seeds"] == "1" and one["clean_acc_std"] == "" and float(one["asr_mean"]) == pytest.approx(0.1)

@@ -128,7 +128,10 @@ def test_presets_are_valid_and_paper_grid_is_the_papers():
     cfgs = expand(paper)
     assert {c.defense for c in cfgs} == {"none", "nft", "ft", "fine-pruning", "anp", "i-bau", "clp", "ft-sam", "fst",
                                          "nad", "rnp", "awm", "sau"}
-    assert {c.attack for c in cfgs} == {"badnets", "blend"} and {c.seed for c in cfgs} == {0, 1, 2}
+    attacks = {(c.attack, c.attack_params.get("mode", "all-to-one")) for c in cfgs}
+    assert len(attacks) == 14 and {("trojan", "all-to-all"), ("input-aware", "all-to-all"), ("fba", "all-to-one")
+                                   } <= attacks  # the NFT paper's fourteen CIFAR-10 attacks
+    assert {c.seed for c in cfgs} == {0, 1, 2}
     assert {c.model for c in cfgs} == {"preact-resnet18"} and {c.dataset for c in cfgs} == {
         "cifar10", "gtsrb", "tiny-imagenet"}
     assert {(c.val_frac, c.per_class) for c in cfgs} == {(0.01, None), (None, 1)}
