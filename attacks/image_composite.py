@@ -11,8 +11,7 @@ from torch import Tensor, nn
 
 from attacks.base import ATTACKS
 from attacks.image import ImageAttack
-from attacks.image_generative import progress, victim_optimizer
-from defenses.base import check_finite
+from attacks.image_generative import progress, victim_optimizer, victim_step
 from tasks.base import Batch, autocast
 
 
@@ -152,11 +151,7 @@ class CompositeBackdoor(ImageAttack):
                     out = model(x).float()
                 loss = F.cross_entropy(out, y, label_smoothing=recipe.get("label_smoothing", 0.0))
                 loss = loss + self.similarity_weight * self.similarity_loss(out, y)
-                check_finite(loss, f"victim {self.name}", epoch * steps + i)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sched.step()
+                victim_step(loss, opt, sched, f"victim {self.name}", epoch * steps + i)
                 bar.update()
         bar.close()
         return model.eval()

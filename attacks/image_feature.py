@@ -58,6 +58,7 @@ from attacks.image_generative import (
     psnr,
     quantize,
     victim_optimizer,
+    victim_step,
 )
 from benchmarks.records import config_hash
 from defenses.base import check_finite
@@ -413,11 +414,7 @@ class FeatureSpaceBackdoor(ImageAttack):
                         detox = pick(~rows, per_batch, g)
                         x[detox] = quantize((1 - self.alpha) * x[detox] + self.alpha * injector(x[detox]))
                 loss = F.cross_entropy(logits(task, model, x), y, label_smoothing=recipe.get("label_smoothing", 0.0))
-                check_finite(loss, f"victim {self.name}", epoch * steps + i)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sched.step()
+                victim_step(loss, opt, sched, f"victim {self.name}", epoch * steps + i)
                 bar.update()
             if self.detox and epoch < recipe["epochs"] - 1:
                 model.eval()

@@ -129,6 +129,15 @@ def load_or_train(task: Any, key: str, nets: nn.Module, stem: str, train: Callab
     return json.loads((d / f"{stem}.json").read_text())
 
 
+def victim_step(loss: Tensor, opt: torch.optim.Optimizer, sched: Any, where: str, step: int) -> None:
+    """One optimiser step of a jointly trained victim: the NaN check, backward, step and schedule."""
+    check_finite(loss, where, step)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    sched.step()
+
+
 def conv_bn(cin: int, cout: int, relu: bool = True) -> nn.Sequential:
     """3x3 conv + BN (momentum 0.05) [+ ReLU]: the Input-aware generator's Conv2dBlock."""
     layers = [nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout, momentum=0.05)]
@@ -435,11 +444,7 @@ class Lira(GeneratorAttack):
                                      label_smoothing=recipe.get("label_smoothing", 0.0))
                 weight = torch.where(rows, 1 - self.alpha, self.alpha)
                 loss = (ce * weight).sum() / weight.sum()
-                check_finite(loss, f"victim {self.name}", step)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sched.step()
+                victim_step(loss, opt, sched, f"victim {self.name}", step)
                 bar.update()
             if epoch < stage1:
                 fixed.load_state_dict(trainee.state_dict())
