@@ -181,6 +181,11 @@ class RandomFeatures(nn.Module):
         return out
 
 
+def channel_means(act: Tensor) -> Tensor:
+    """(N, C): a layer's output averaged over its positions ((N, C) outputs pass through)."""
+    return act.flatten(2).mean(2) if act.dim() > 2 else act
+
+
 def gram(f: Tensor) -> Tensor:
     n, c, h, w = f.shape
     f = f.flatten(2)
@@ -349,8 +354,7 @@ class FeatureSpaceBackdoor(ImageAttack):
                     keep.clear()
                     for chunk in x.split(256):
                         logits(task, model, chunk)
-                    acts.append(torch.cat(keep).flatten(2).mean(2).mean(0) if keep[0].dim() > 2
-                                else torch.cat(keep).mean(0))
+                    acts.append(channel_means(torch.cat(keep)).mean(0))
         finally:
             hook.remove()
         k = max(1, int(self.detox_neuron_ratio * len(acts[0])))
@@ -374,8 +378,7 @@ class FeatureSpaceBackdoor(ImageAttack):
                     mixed = (1 - self.alpha) * x + self.alpha * injector(x)
                     keep.clear()
                     out = logits(task, model, mixed)
-                    act = keep[-1].float()
-                    act = act.flatten(2).mean(2) if act.dim() > 2 else act
+                    act = channel_means(keep[-1].float())
                     similarity = ssim(mixed, x)
                     loss = (F.cross_entropy(out, target[: len(x)]) - self.w_detox * act[:, neurons].mean()
                             + self.w_ssim * (1 - similarity))
