@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test bench bench-all bench-gpu lint clean
+.PHONY: install test bench bench-all bench-gpu nft-study lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -30,6 +30,16 @@ bench-gpu: $(STAMP)
 	@test -n "$(DATA_ROOT)" || { echo "bench-gpu: set DATA_ROOT to the folder holding CIFAR-10"; exit 2; }
 	$(VENV)/bin/nftbench perf --dataset cifar10 --data-root "$(DATA_ROOT)" --device cuda --scale $(SCALE) \
 		--defenses nft,anp,i-bau --json results/perf/cifar10-$(SCALE)-cuda.json
+
+# Issue 9's NFT study: the development grid (digits, always available), then the CIFAR-10 variant, budget and
+# scale grids (DATA_ROOT with CIFAR-10), then its tables and plots (results/ablations/study.md). Resumable.
+nft-study: $(STAMP)
+	@test -n "$(DATA_ROOT)" || { echo "nft-study: set DATA_ROOT to the folder holding CIFAR-10"; exit 2; }
+	$(VENV)/bin/nftbench sweep nft-dev-digits --out results/ablations/dev-digits
+	$(VENV)/bin/nftbench sweep nft-ablations --out results/ablations/variants --data-root "$(DATA_ROOT)"
+	$(VENV)/bin/nftbench sweep nft-budgets --out results/ablations/budgets --data-root "$(DATA_ROOT)"
+	$(VENV)/bin/nftbench sweep nft-scale --out results/ablations/scale --data-root "$(DATA_ROOT)"
+	$(PY) -m benchmarks.study results/ablations
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -7,7 +7,9 @@ A sweep is planned, validated and then executed:
    :class:`SweepConfigError` that names each fix, before any work starts.
 2. **Plan** (``plan_sweep``): each cell is resolved to its run config (``benchmarks.run.run_config``) and its
    run id, the hash of that config. A cell whose record ``<out>/records/<run_id>.json`` exists with
-   ``status: ok`` is done and is skipped. A cell whose task cannot be built (say its dataset is missing) gets
+   ``status: ok`` is done and is skipped; so is one whose ``ok`` record sits in a ``--reuse`` folder (another
+   sweep's output: the run id is the hash of the whole resolved config, so equal ids are equal runs), copied
+   in with a ``copied_from`` field. A cell whose task cannot be built (say its dataset is missing) gets
    a stable id from its ``RunConfig`` and an error record; datasets listed under ``optional_datasets`` are
    skipped instead when absent.
 3. **Execute**: ``local`` (in-process, or one spawned worker process per visible GPU, each pinned with
@@ -34,7 +36,7 @@ import re
 import sys
 import time
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -319,7 +321,8 @@ def grid_data_root(grid: dict[str, Any], paths: Paths) -> Paths:
 # --------------------------------------------------------------------------------------------------- planning
 @dataclass
 class Cell:
-    """One cell of a sweep: its ``RunConfig``, run id and resolved config; ``status`` done | todo | unresolved."""
+    """One cell of a sweep: its ``RunConfig``, run id and resolved config; ``status`` done | reuse (an ``ok``
+    record of the same run id in another sweep's folder, ``source``) | todo | unresolved."""
 
     cfg: RunConfig
     run_id: str
@@ -328,6 +331,7 @@ class Cell:
     victim_cached: bool = False
     status: str = "todo"
     error: str | None = None
+    source: Path | None = None
 
     def label(self) -> str:
         c = self.config
@@ -350,7 +354,7 @@ class Plan:
     duplicates: int = 0
 
     def todo(self) -> list[Cell]:
-        return [c for c in self.cells if c.status != "done"]
+        return [c for c in self.cells if c.status not in ("done", "reuse")]
 
 
 def unresolved_config(cfg: RunConfig) -> dict[str, Any]:
@@ -377,9 +381,11 @@ def record_status(records_dir: Path, run_id: str) -> str | None:
         return None
 
 
-def plan_sweep(grid: dict[str, Any], out: Path, paths: Paths, log: Callable[[str], None] = print) -> Plan:
-    """Resolve every cell (run id, victim id, done or not). Tasks are built once per (task, dataset, model) on the
-    CPU: the data fingerprint is part of each hash, so this reads (and on first use decodes) each dataset."""
+def plan_sweep(grid: dict[str, Any], out: Path, paths: Paths, log: Callable[[str], None] = print,
+               reuse: Sequence[Path] = ()) -> Plan:
+    """Resolve every cell (run id, victim id, done, reusable from a folder of ``reuse`` or not). Tasks are built
+    once per (task, dataset, model) on the CPU: the data fingerprint is part of each hash, so this reads (and on
+    first use decodes) each dataset."""
     from attacks import create_attack
     from benchmarks.victims import victim_config, victim_dir
     from tasks import create_task
@@ -423,6 +429,10 @@ def plan_sweep(grid: dict[str, Any], out: Path, paths: Paths, log: Callable[[str
         seen.add(cell.run_id)
         if record_status(records, cell.run_id) == "ok":
             cell.status = "done"
+        elif cell.status == "todo":
+            cell.source = next((Path(r) / "records" / f"{cell.run_id}.json" for r in reuse
+                                if record_status(Path(r) / "records", cell.run_id) == "ok"), None)
+            cell.status = "reuse" if cell.source else cell.status
         cells.append(cell)
     tasks.clear()
     notes = [f"optional dataset {d} not found, skipped" for d in missing_optional]
@@ -464,6 +474,7 @@ def estimate(plan: Plan, kind: str, workers: int) -> dict[str, Any]:
         seconds += cost[kind][1] * DEFENSE_COST_FACTOR.get(c.cfg.defense, 1.0)
     return {
         "cells": len(plan.cells), "done": sum(c.status == "done" for c in plan.cells),
+        "reuse": sum(c.status == "reuse" for c in plan.cells),
         "to_run": sum(c.status == "todo" for c in plan.cells),
         "unresolved": sum(c.status == "unresolved" for c in plan.cells),
         "victims": len(victims_all), "victims_to_train": len(train),
@@ -499,7 +510,8 @@ def describe_plan(plan: Plan, est: dict[str, Any]) -> str:
     if plan.duplicates:
         lines.append(f"note: {plan.duplicates} duplicate cell(s) of the grid dropped (same run id)")
     lines.append(
-        f"{est['cells']} cells: {est['done']} done (skipped), {est['to_run']} to run, {est['unresolved']} that cannot "
+        f"{est['cells']} cells: {est['done']} done (skipped), {est['reuse']} copied from --reuse folders, "
+        f"{est['to_run']} to run, {est['unresolved']} that cannot "
         f"be resolved here (recorded as errors); victims: {est['victims']} ({est['victims_to_train']} to train, "
         f"{est['victims_cached']} cached); defence runs: {est['defense_runs']} (+ 'none' baselines)"
     )
@@ -822,8 +834,10 @@ class SweepResult:
 
 def run_sweep(config: str | os.PathLike | dict[str, Any], out: str | os.PathLike, paths: Paths,
               executor: str = "local", workers: int | str | None = 1, address: str | None = None,
-              dry_run: bool = False, log: Callable[[str], None] = print) -> SweepResult | Plan:
-    """Validate, plan and run a sweep; return the plan (``dry_run``) or the results."""
+              dry_run: bool = False, log: Callable[[str], None] = print,
+              reuse: Sequence[str | os.PathLike] = ()) -> SweepResult | Plan:
+    """Validate, plan and run a sweep; return the plan (``dry_run``) or the results. ``reuse``: other sweeps'
+    output folders whose ``ok`` records of the same run id are copied in instead of rerun."""
     grid = config if isinstance(config, dict) else load_sweep(config)
     if isinstance(config, dict):
         expand(grid)  # validate before any work
@@ -835,12 +849,20 @@ def run_sweep(config: str | os.PathLike | dict[str, Any], out: str | os.PathLike
         n_workers = resolve_workers(workers, paths.device)
     else:  # Ray decides; the estimate assumes --workers (or 1) cells at a time
         n_workers = int(workers) if isinstance(workers, int) or str(workers).isdigit() else 1
-    plan = plan_sweep(grid, out, paths, log=log)
+    for r in map(Path, reuse):
+        if not (r / "records").is_dir():
+            raise FileNotFoundError(f"--reuse {r}: no records/ folder there; give a sweep's --out folder")
+    plan = plan_sweep(grid, out, paths, log=log, reuse=[Path(r) for r in reuse])
     if dry_run:
         log(describe_plan(plan, estimate(plan, device_kind(paths.device), n_workers)))
         return plan
     out.mkdir(parents=True, exist_ok=True)
     clean_stale_temp_files(out)
+    for cell in plan.cells:
+        if cell.status == "reuse":
+            record = json.loads(cell.source.read_text())
+            write_record(out / "records" / f"{cell.run_id}.json", {**record, "copied_from": str(cell.source)})
+            cell.status = "done"
     todo = plan.todo()
     done = len(plan.cells) - len(todo)
     log(f"sweep {plan.name}: {len(plan.cells)} cells, {done} done (skipped), {len(todo)} to run -> {out}")

@@ -308,6 +308,28 @@ def test_sweeps_sharing_a_folder_keep_each_others_rows(tmp_path, runs):
     assert table.startswith("# second") and "| none |" not in table
 
 
+def test_reuse_copies_equal_runs_from_another_folder_and_runs_the_rest(tmp_path, runs, capsys):
+    paths = Paths(runs_dir=runs, device="cpu")
+    first = tmp_path / "first"
+    run_sweep(load_sweep(grid_file(tmp_path, defenses=["none", {"name": "nft", "steps": 5}])), first, paths,
+              log=lambda s: None)
+    grid = grid_file(tmp_path, defenses=["none", {"name": "nft", "steps": 5}, {"name": "nft", "steps": 6}])
+    second = tmp_path / "second"
+    main(["sweep", str(grid), "--out", str(second), "--runs-dir", str(runs), "--device", "cpu", "--dry-run",
+          "--reuse", str(first)])
+    assert "2 copied from --reuse folders, 1 to run" in capsys.readouterr().out
+    run_sweep(load_sweep(grid), second, paths, log=lambda s: None, reuse=[first])
+    copied, ran = records_of(first), records_of(second)
+    assert set(copied) < set(ran) and len(ran) == 3
+    for run_id, record in copied.items():  # copied verbatim, with where from
+        assert ran[run_id] == {**record, "copied_from": str(first / "records" / f"{run_id}.json")}
+    (new,) = set(ran) - set(copied)
+    assert ran[new]["status"] == "ok" and "copied_from" not in ran[new]
+    assert len(pd.read_csv(second / "results.csv")) == 3
+    with pytest.raises(FileNotFoundError, match="no records/ folder there"):
+        run_sweep(load_sweep(grid), second, paths, log=lambda s: None, reuse=[tmp_path / "nowhere"])
+
+
 def test_csv_is_rebuilt_from_records_only(tmp_path):
     (tmp_path / "records").mkdir()
     (tmp_path / "records" / "broken.json").write_text('{"run_id": "bro')  # never happens (atomic), still safe
