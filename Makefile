@@ -37,8 +37,10 @@ nft-study: $(STAMP)
 	@test -n "$(DATA_ROOT)" || { echo "nft-study: set DATA_ROOT to the folder holding CIFAR-10"; exit 2; }
 	$(VENV)/bin/nftbench sweep nft-dev-digits --out results/ablations/dev-digits
 	$(VENV)/bin/nftbench sweep nft-ablations --out results/ablations/variants --data-root "$(DATA_ROOT)"
-	$(VENV)/bin/nftbench sweep nft-budgets --out results/ablations/budgets --data-root "$(DATA_ROOT)"
-	$(VENV)/bin/nftbench sweep nft-scale --out results/ablations/scale --data-root "$(DATA_ROOT)"
+	$(VENV)/bin/nftbench sweep nft-budgets --out results/ablations/budgets --data-root "$(DATA_ROOT)" \
+		--reuse results/ablations/variants
+	$(VENV)/bin/nftbench sweep nft-scale --out results/ablations/scale --data-root "$(DATA_ROOT)" \
+		--reuse results/ablations/variants
 	$(PY) -m benchmarks.study results/ablations
 
 lint: $(STAMP)
