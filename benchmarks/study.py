@@ -30,7 +30,16 @@ import numpy as np
 import pandas as pd
 
 from benchmarks.checkpoint import atomic_write_text
-from benchmarks.leaderboard import _empty, _figure, _save, aggregate, find_records, load_records, records_frame
+from benchmarks.leaderboard import (
+    MARKERS,
+    _empty,
+    _figure,
+    _save,
+    aggregate,
+    find_records,
+    load_records,
+    records_frame,
+)
 from benchmarks.select import markdown as ranking_markdown
 from benchmarks.select import rank_variants
 
@@ -137,7 +146,7 @@ def plot_variants(t: pd.DataFrame, path: Path) -> None:
     fig = _figure(4.2 * max(1, len(attacks)), 4.4)
     variants = list(dict.fromkeys(t["defense"]))
     colours = {v: f"C{i % 10}" for i, v in enumerate(variants)}
-    markers = {v: "os^Dv<>P*Xhp"[i // 10 % 12] for i, v in enumerate(variants)}
+    markers = {v: MARKERS[i // 10 % len(MARKERS)] for i, v in enumerate(variants)}
     for i, attack in enumerate(attacks or ["-"]):
         ax = fig.add_subplot(1, max(1, len(attacks)), i + 1)
         pts = t[(t["attack"] == attack) & (t["n_seeds"] > 0)]
