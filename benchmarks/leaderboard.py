@@ -84,7 +84,7 @@ def load_records(paths: Iterable[Path]) -> tuple[list[dict[str, Any]], list[str]
     return list(by_id.values()), notes
 
 
-def _params_label(name: str, params: dict[str, Any]) -> str:
+def params_label(name: str, params: dict[str, Any]) -> str:
     if not params:
         return name
     return name + "[" + ",".join(f"{k}={v}" for k, v in sorted(params.items())) + "]"  # as benchmarks.sweep names cells
@@ -105,10 +105,10 @@ def records_frame(records: Sequence[dict[str, Any]]) -> tuple[pd.DataFrame, list
         attack_cfg = {k: v for k, v in (cfg.get("attack") or {}).items() if k not in ("name", "seed")}
         row["attack_config"] = json.dumps(attack_cfg, sort_keys=True, default=str)
         row["defense_name"] = row["defense"]
-        row["defense"] = _params_label(row["defense"], cfg.get("defense_params") or {})
+        row["defense"] = params_label(row["defense"], cfg.get("defense_params") or {})
         samples = r.get("clean_samples", (r.get("defense_info") or {}).get("clean_samples"))
         row["clean_samples"] = samples
-        row["model"] = _params_label(row["model"] or "", cfg["task"].get("model_kwargs") or {})
+        row["model"] = params_label(row["model"] or "", cfg["task"].get("model_kwargs") or {})
         row["path"] = r.get("_path", "")
         rows.append(row)
     df = pd.DataFrame(rows)
@@ -138,7 +138,7 @@ def _attack_labels(df: pd.DataFrame) -> pd.Series:
         # a key varies when two configs that have it disagree (a failed cell's unresolved config may lack keys)
         varying = [k for k in keys if len({json.dumps(c[k], default=str) for c in configs.values() if k in c}) > 1]
         for idx, c in zip(g.index, g["attack_config"], strict=True):
-            labels[idx] = _params_label(df.at[idx, "attack"], {k: configs[c][k] for k in varying if k in configs[c]})
+            labels[idx] = params_label(df.at[idx, "attack"], {k: configs[c][k] for k in varying if k in configs[c]})
     return labels
 
 

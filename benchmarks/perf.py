@@ -8,7 +8,10 @@
 - the wall time of every registered defence (``purify``'s ``wall_time_s``, CUDA-synchronised) on a copy of the
   cached victim (``benchmarks.victims.get_victim``: trained once, then loaded) and the defender's clean split, with
   its default options, or with ``--quick`` step counts scaled by ``--quick-factor`` (stated in the output);
-  printed as a table with each defence's ratio to NFT's time.
+  printed as a table with each defence's ratio to NFT's time;
+- or, with ``--variants CONFIG``, the defence entries of a sweep config instead, labelled as the sweep labels them:
+  ``nftbench perf --variants nft-ablations`` times every NFT ablation of issue 9 side by side on one victim (with
+  ``--quick``, a variant's own step count is scaled too).
 
 Nothing here reads test data: the defences get a view of the task without its test split and evaluator (as in
 the protocol tests), and no timing decision (warm-up, step counts, repeats) depends on a metric. A victim that is
@@ -30,6 +33,7 @@ from typing import Any
 import torch
 
 from attacks import create_attack
+from benchmarks.leaderboard import params_label
 from benchmarks.records import device_name, versions
 from benchmarks.victims import get_victim
 from defenses import DEFENSES, purify
@@ -125,29 +129,47 @@ def _warm_up(model: torch.nn.Module, task: Task, clean: Any, seed: int) -> None:
     _sync(task.device)
 
 
-def time_defenses(task: Task, model: torch.nn.Module, clean: Any, defenses: list[str],
-                  options: dict[str, dict[str, Any]], seed: int, repeats: int = 1) -> list[dict[str, Any]]:
-    """Each defence ``repeats`` times on a fresh copy of ``model``; the median wall time, or the error."""
+def time_defenses(task: Task, model: torch.nn.Module, clean: Any, runs: list[tuple[str, str, dict[str, Any]]],
+                  seed: int, repeats: int = 1) -> list[dict[str, Any]]:
+    """Each (label, defence, options) run ``repeats`` times on a fresh copy of ``model``; the median wall time, or
+    the error, and the ratio to the run labelled ``nft`` (the paper's defaults)."""
     view = DefenderView(task)
     _warm_up(model, task, clean, seed)
     rows = []
-    for name in defenses:
-        row: dict[str, Any] = {"defense": name, "options": options.get(name, {}), "times_s": []}
+    for label, name, options in runs:
+        row: dict[str, Any] = {"defense": label, "name": name, "options": options, "times_s": []}
         try:
             for _ in range(repeats):
-                _, info = purify(name, copy.deepcopy(model), view, clean, options.get(name, {}), seed=seed)
+                _, info = purify(name, copy.deepcopy(model), view, clean, options, seed=seed)
                 row["times_s"].append(info["wall_time_s"])
             row["time_s"] = statistics.median(row["times_s"])
             row["forward_passes"] = info.get("forward_passes")
         except Exception as e:  # noqa: BLE001  (reported in the table; the other defences still run)
             row["error"] = f"{type(e).__name__}: {e}"
         rows.append(row)
-        print(f"  {name}: " + (f"{row['time_s']:.3f} s" if "time_s" in row else row["error"]), file=sys.stderr,
+        print(f"  {label}: " + (f"{row['time_s']:.3f} s" if "time_s" in row else row["error"]), file=sys.stderr,
               flush=True)
     nft = next((r.get("time_s") for r in rows if r["defense"] == "nft"), None)
     for r in rows:
         r["ratio_to_nft"] = r["time_s"] / nft if nft and "time_s" in r else None
     return rows
+
+
+def sweep_variants(config: str) -> list[tuple[str, dict[str, Any]]]:
+    """The ``defenses:`` entries of a sweep config (``nft-ablations`` or a YAML path), ``none`` left out, as
+    (name, options); labels follow the sweep's (``nft[mixup=False]``)."""
+    from benchmarks.sweep import load_sweep
+
+    grid = load_sweep(config)
+    out = []
+    for entry in grid.get("defenses") or []:
+        name, params = (entry, {}) if isinstance(entry, str) else \
+            (entry["name"], {k: v for k, v in entry.items() if k != "name"})
+        if name != "none":
+            out.append((name, params))
+    if not out:
+        raise ValueError(f"{config}: no defences to time in its 'defenses:' list")
+    return out
 
 
 def parse_sets(items: list[str] | None) -> dict[str, dict[str, Any]]:
@@ -197,14 +219,23 @@ def run_perf(args: argparse.Namespace) -> dict[str, Any]:
     if args.repeats < 1 or (args.train_steps is not None and args.train_steps < 1) or args.quick_factor <= 0:
         raise ValueError("--repeats and --train-steps must be >= 1 and --quick-factor > 0")
     sets = parse_sets(args.set)
-    names = [d.strip() for d in args.defenses.split(",") if d.strip()] if args.defenses else \
-        sorted((n for n in DEFENSES.names() if n != "none"), key=lambda n: (n != "nft", n))
-    for name in list(sets) + names:
+    if args.variants:
+        if args.defenses:
+            raise ValueError("--variants and --defenses choose the defences two ways; give one")
+        chosen = sweep_variants(args.variants)
+    else:
+        names = [d.strip() for d in args.defenses.split(",") if d.strip()] if args.defenses else \
+            sorted((n for n in DEFENSES.names() if n != "none"), key=lambda n: (n != "nft", n))
+        chosen = [(n, {}) for n in names]
+    for name in list(sets) + [n for n, _ in chosen]:
         DEFENSES.get(name)  # unknown names fail before any work
-    options = {}
-    for name in names:
-        options[name] = {**(quick_options(name, args.quick_factor) if args.quick else {}), **sets.get(name, {})}
-        DEFENSES.get(name).make_config(options[name])  # bad options fail before any work
+    runs = []
+    for name, params in chosen:
+        options = {**(quick_options(name, args.quick_factor) if args.quick else {}), **params, **sets.get(name, {})}
+        if args.quick:  # a variant's own step count is scaled like the defaults, so ratios keep their meaning
+            options.update({f: max(1, round(params[f] * args.quick_factor)) for f in step_fields(name) if f in params})
+        DEFENSES.get(name).make_config(options)  # bad options fail before any work
+        runs.append((params_label(name, params), name, options))
     if args.per_class is not None:
         budget = CleanBudget(fraction=None, per_class=args.per_class)
     else:
@@ -220,10 +251,11 @@ def run_perf(args: argparse.Namespace) -> dict[str, Any]:
     clean = task.clean_split(budget, args.seed)
     print(f"perf: training throughput ({warmup} warm-up + {train_steps} timed steps)", file=sys.stderr, flush=True)
     training = training_throughput(task, attack, args.seed, train_steps, warmup)
-    print(f"perf: defences {', '.join(names)}", file=sys.stderr, flush=True)
-    rows = time_defenses(task, model, clean, names, options, args.seed, args.repeats)
+    print(f"perf: defences {', '.join(label for label, _, _ in runs)}", file=sys.stderr, flush=True)
+    rows = time_defenses(task, model, clean, runs, args.seed, args.repeats)
 
-    changed = "; ".join(f"{n} " + ", ".join(f"{k}={v}" for k, v in options[n].items()) for n in names if options[n])
+    changed = "; ".join(f"{label} " + ", ".join(f"{k}={v}" for k, v in options.items())
+                        for label, _, options in runs if options)
     if args.quick:
         mode = f"--quick: step counts x{args.quick_factor:g} of the defaults ({changed or 'nothing to scale'})"
     else:
@@ -255,6 +287,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--per-class", type=int, default=None, help="clean samples per class")
     p.add_argument("--defenses", default=None,
                    help="comma-separated defences to time (default: every registered one except 'none')")
+    p.add_argument("--variants", default=None, metavar="CONFIG",
+                   help="time the defence entries of a sweep config instead (e.g. nft-ablations: every NFT variant "
+                        "side by side on one victim)")
     p.add_argument("--quick", action="store_true",
                    help="scale every defence's step counts by --quick-factor (for CPU); stated in the output")
     p.add_argument("--quick-factor", type=float, default=0.1, help="step-count factor of --quick (default 0.1)")

@@ -210,3 +210,25 @@ def test_perf_module_help():
     out = subprocess.run([sys.executable, "-m", "benchmarks.perf", "--help"], capture_output=True, text=True,
                          cwd=Path(__file__).resolve().parents[1], timeout=120)
     assert out.returncode == 0 and "--quick" in out.stdout and "--val-frac" in out.stdout
+
+
+def test_perf_times_sweep_variants_side_by_side(seeded_victim_cache, tmp_path, capsys):
+    from benchmarks.cli import main
+
+    grid = tmp_path / "grid.yaml"
+    grid.write_text("name: g\ntask: image\ndatasets: [digits]\nattacks: [badnets]\nseeds: [0]\n"
+                    "budgets: [{val_frac: 0.05}]\n"
+                    "defenses: [none, nft, {name: nft, mixup: false}, {name: nft, steps: 4000}]\n")
+    out = tmp_path / "perf.json"
+    main(["perf", "--dataset", "digits", "--device", "cpu", "--quick", "--quick-factor", "0.002", "--train-steps",
+          "1", "--warmup-steps", "0", "--runs-dir", str(seeded_victim_cache), "--json", str(out),
+          "--variants", str(grid)])
+    rows = {r["defense"]: r for r in json.loads(out.read_text())["defenses"]}
+    assert list(rows) == ["nft", "nft[mixup=False]", "nft[steps=4000]"]  # 'none' is not a defence to time
+    assert rows["nft"]["options"] == {"steps": 2} and rows["nft"]["ratio_to_nft"] == 1.0
+    assert rows["nft[mixup=False]"]["options"] == {"steps": 2, "mixup": False}
+    assert rows["nft[steps=4000]"]["options"] == {"steps": 8}  # the variant's own steps, scaled alike
+    assert all(r["time_s"] > 0 and r["name"] == "nft" for r in rows.values())
+    assert "| nft[mixup=False] |" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["perf", "--dataset", "digits", "--variants", str(grid), "--defenses", "nft"])
