@@ -17,12 +17,17 @@ It writes, next to the sweeps, whichever of these the finished records allow:
   model's parameter count and number of masked neurons;
 - ``study.md`` with those tables, and ``plots/{variants,budgets,scale}.png``.
 
+The sweeps' defence times come from whatever else the machine was running. When ``root/perf.json`` exists
+(``nftbench perf --variants nft-ablations --dataset cifar10 --json results/ablations/perf.json``: every variant
+timed side by side in one run on one victim), the variants table's ratio column is that run's instead.
+
 ASR appears in the evaluation tables because they are evaluation; only ``dev_ranking`` chooses anything.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 from typing import Any
 
@@ -72,18 +77,26 @@ def _cell(r: Any) -> str:
     return f"{100 * r.clean_acc_mean:.1f}{csd} / {100 * r.asr_mean:.1f}{sd} ({r.n_seeds})"
 
 
-def variants_markdown(t: pd.DataFrame) -> str:
+def side_by_side(path: Path) -> dict[str, Any] | None:
+    """``nftbench perf --variants ... --json PATH``'s result, or None when there is none."""
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def variants_markdown(t: pd.DataFrame, perf: dict[str, Any] | None = None) -> str:
     """Rows: the victim ('none') and each variant; columns: each attack's C-ACC / ASR (seeds), then the mean
-    defence time and its ratio to the paper default's."""
+    defence time in the sweeps and the ratio to the paper default's: the side-by-side run's (``perf``) when
+    given, else the sweeps' (same victim and seed)."""
     attacks = list(dict.fromkeys(t["attack"]))
     variants = list(dict.fromkeys(t["defense"]))
-    lines = ["| variant | " + " | ".join(attacks) + " | time (s) | x default |",
-             "|---" * (len(attacks) + 3) + "|"]
+    ratios = {r["defense"]: r.get("ratio_to_nft") for r in perf["defenses"]} if perf else None
+    lines = ["| variant | " + " | ".join(attacks) + " | time (s) | x default" + (" (one run)" if perf else "")
+             + " |", "|---" * (len(attacks) + 3) + "|"]
     for v in variants:
         rows = t[t["defense"] == v].set_index("attack")
         cells = [_cell(rows.loc[a]) if a in rows.index else "-" for a in attacks]
-        secs, ratio = rows["defense_time_s_mean"].mean(), rows["time_vs_nft_mean"].mean()
-        tail = ["-", "-"] if v == "none" else [f"{secs:.0f}", f"{ratio:.2f}"]
+        secs = rows["defense_time_s_mean"].mean()
+        ratio = rows["time_vs_nft_mean"].mean() if ratios is None else ratios.get(v)
+        tail = ["-", "-"] if v == "none" else [f"{secs:.0f}", "-" if ratio is None else f"{ratio:.2f}"]
         lines.append(f"| {v} | " + " | ".join(cells + tail) + " |")
     return "\n".join(lines)
 
@@ -224,7 +237,12 @@ def build_study(root: str | Path) -> dict[str, Path]:
         out("variants.csv", t)
         plot_variants(t, root / "plots" / "variants.png")
         written["variants.png"] = root / "plots" / "variants.png"
-        md += ["## Variants (evaluation)", "", variants_markdown(t), "", "![variants](plots/variants.png)", ""]
+        perf = side_by_side(root / "perf.json")
+        md += ["## Variants (evaluation)", "", variants_markdown(t, perf), ""]
+        if perf:
+            md += [f"Time ratios from one run on one victim (`perf.json`): {perf['device']}, {perf['attack']} "
+                   f"victim {perf['victim']['victim_id']}, seed {perf['seed']}, {perf['mode']}.", ""]
+        md += ["![variants](plots/variants.png)", ""]
     if "budgets" in parts:
         t = table(parts["budgets"])
         out("budgets.csv", t)

@@ -98,6 +98,20 @@ def test_study_tables_plots_and_honest_choice(study):
     assert "| 1/class (10 images) |" in md
 
 
+def test_side_by_side_ratios_replace_the_sweeps(study):
+    perf = {"device": "cpu (test)", "attack": "badnets", "seed": 0, "victim": {"victim_id": "v0"},
+            "mode": "defaults", "defenses": [{"defense": "nft", "ratio_to_nft": 1.0},
+                                             {"defense": "nft[steps=250]", "ratio_to_nft": 0.31}]}
+    (study / "perf.json").write_text(json.dumps(perf))
+    build_study(study)
+    md = (study / "study.md").read_text()
+    assert "| time (s) | x default (one run) |" in md
+    assert "(3) | 25 | 0.31 |" in md and "| nft | " in md and "(3) | 100 | 1.00 |" in md
+    assert "one run on one victim (`perf.json`): cpu (test), badnets victim v0, seed 0, defaults." in md
+    assert float({r["defense"]: r for r in rows(study / "variants.csv") if r["attack"] == "badnets"}
+                 ["nft[steps=250]"]["time_vs_nft_mean"]) == pytest.approx(0.25)  # the CSV keeps the sweeps' own
+
+
 def test_parameter_count_and_empty_study(tmp_path):
     assert parameter_count("preact-resnet18") == pytest.approx(11.17e6, rel=0.01)
     assert parameter_count("no-such-model") is None
