@@ -41,6 +41,8 @@ nft-study: $(STAMP)
 		--reuse results/ablations/variants
 	$(VENV)/bin/nftbench sweep nft-scale --out results/ablations/scale --data-root "$(DATA_ROOT)" \
 		--reuse results/ablations/variants
+	$(VENV)/bin/nftbench perf --variants nft-ablations --dataset cifar10 --data-root "$(DATA_ROOT)" \
+		--json results/ablations/perf.json
 	$(PY) -m benchmarks.study results/ablations
 
 lint: $(STAMP)
