@@ -159,7 +159,7 @@ def cmd_sweep(args: argparse.Namespace) -> None:
     grid = load_sweep(args.config)  # the whole grid is validated here, before any work
     out = Path(args.out or Path("results") / grid["name"])
     result = run_sweep(grid, out, paths_of(args), executor=args.executor, workers=args.workers,
-                       address=args.address, dry_run=args.dry_run, reuse=args.reuse or ())
+                       address=args.address, dry_run=args.dry_run, reuse=args.reuse or (), only=args.only or ())
     if not args.dry_run and result.failed:
         print(f"nftbench: {result.failed} cell(s) failed (status error in {out / 'results.csv'}; logs in "
               f"{out / 'logs'}); rerun the same command to retry them", file=sys.stderr)
@@ -221,6 +221,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="print the cells, their hashes and a cost estimate")
     p.add_argument("--reuse", action="append", metavar="DIR",
                    help="another sweep's --out folder: its ok records of the same run id are copied, not rerun")
+    p.add_argument("--only", action="append", metavar="KEY=VALUE[,VALUE]",
+                   help="run only the grid's cells with these values (task, dataset, model, attack, defense, seed; "
+                        "repeatable, all must match), e.g. one process per attack into the same --out")
     p.add_argument("--executor", default="local", choices=["local", "ray"])
     p.add_argument("--workers", default="auto",
                    help="local executor: worker processes, or auto = one per visible GPU (1 on CPU)")

@@ -354,7 +354,42 @@ class Plan:
     duplicates: int = 0
 
     def todo(self) -> list[Cell]:
-        return [c for c in self.cells if c.status not in ("done", "reuse")]
+        return [c for c in self.cells if c.status not in ("done", "reuse", "other")]
+
+
+ONLY_KEYS = ("task", "dataset", "model", "attack", "defense", "seed")
+
+
+def parse_only(items: Sequence[str]) -> dict[str, set[str]]:
+    """``--only KEY=V1,V2`` items -> {key: {values}}; cells must match every key (any of its values)."""
+    only: dict[str, set[str]] = {}
+    for item in items:
+        key, sep, values = item.partition("=")
+        key = key.strip()
+        if not sep or key not in ONLY_KEYS or not values.strip():
+            raise ValueError(f"--only expects KEY=VALUE[,VALUE...] with KEY one of {', '.join(ONLY_KEYS)} "
+                             f"(e.g. --only attack=badnets --only seed=2), got {item!r}")
+        only.setdefault(key, set()).update(v.strip() for v in values.split(",") if v.strip())
+    return only
+
+
+def select_cells(plan: Plan, only: dict[str, set[str]]) -> int:
+    """Mark the cells outside ``only`` as ``other`` (left to another invocation: not run, not copied, still in
+    the folder's CSV when their records exist). Returns how many were left out; a value that matches no cell of
+    the grid is an error, since it is most likely a typo."""
+    def value(c: Cell, key: str) -> str:
+        return str(getattr(c.cfg, key) if getattr(c.cfg, key) is not None else "none")
+
+    for key, values in only.items():
+        unknown = values - {value(c, key) for c in plan.cells}
+        if unknown:
+            raise ValueError(f"--only {key}={','.join(sorted(unknown))} matches no cell of {plan.name}; its "
+                             f"{key} values are {', '.join(sorted({value(c, key) for c in plan.cells}))}")
+    left = 0
+    for c in plan.cells:
+        if not all(value(c, k) in vs for k, vs in only.items()) and c.status != "done":
+            c.status, left = "other", left + 1
+    return left
 
 
 def unresolved_config(cfg: RunConfig) -> dict[str, Any]:
@@ -835,9 +870,11 @@ class SweepResult:
 def run_sweep(config: str | os.PathLike | dict[str, Any], out: str | os.PathLike, paths: Paths,
               executor: str = "local", workers: int | str | None = 1, address: str | None = None,
               dry_run: bool = False, log: Callable[[str], None] = print,
-              reuse: Sequence[str | os.PathLike] = ()) -> SweepResult | Plan:
+              reuse: Sequence[str | os.PathLike] = (), only: Sequence[str] = ()) -> SweepResult | Plan:
     """Validate, plan and run a sweep; return the plan (``dry_run``) or the results. ``reuse``: other sweeps'
-    output folders whose ``ok`` records of the same run id are copied in instead of rerun."""
+    output folders whose ``ok`` records of the same run id are copied in instead of rerun. ``only``: ``KEY=VALUE``
+    filters (``parse_only``); the other cells are left to other invocations, which may run at the same time into
+    the same folder (the run ids, records and CSV are those of the whole grid)."""
     grid = config if isinstance(config, dict) else load_sweep(config)
     if isinstance(config, dict):
         expand(grid)  # validate before any work
@@ -852,7 +889,11 @@ def run_sweep(config: str | os.PathLike | dict[str, Any], out: str | os.PathLike
     for r in map(Path, reuse):
         if not (r / "records").is_dir():
             raise FileNotFoundError(f"--reuse {r}: no records/ folder there; give a sweep's --out folder")
+    filters = parse_only(only)
     plan = plan_sweep(grid, out, paths, log=log, reuse=[Path(r) for r in reuse])
+    left_out = select_cells(plan, filters)
+    if left_out:
+        plan.notes.append(f"{left_out} cell(s) not done yet are outside --only {' '.join(only)}; not run here")
     if dry_run:
         log(describe_plan(plan, estimate(plan, device_kind(paths.device), n_workers)))
         return plan
@@ -885,4 +926,5 @@ def run_sweep(config: str | os.PathLike | dict[str, Any], out: str | os.PathLike
 
 
 __all__ = ["COST_TABLE", "Cell", "Plan", "SweepConfigError", "SweepResult", "describe_plan", "estimate",
-           "execute_cell", "expand", "load_sweep", "plan_sweep", "rebuild_csv", "run_sweep"]
+           "execute_cell", "expand", "load_sweep", "parse_only", "plan_sweep", "rebuild_csv", "run_sweep",
+           "select_cells"]

@@ -330,6 +330,27 @@ def test_reuse_copies_equal_runs_from_another_folder_and_runs_the_rest(tmp_path,
         run_sweep(load_sweep(grid), second, paths, log=lambda s: None, reuse=[tmp_path / "nowhere"])
 
 
+def test_only_runs_a_slice_and_the_slices_make_the_whole_grid(tmp_path, runs, capsys):
+    paths = Paths(runs_dir=runs, device="cpu")
+    grid = grid_file(tmp_path, defenses=["none", {"name": "nft", "steps": 5}, {"name": "ft", "steps": 5}])
+    out, whole = tmp_path / "sliced", tmp_path / "whole"
+    main(["sweep", str(grid), "--out", str(out), "--runs-dir", str(runs), "--device", "cpu", "--dry-run",
+          "--only", "defense=nft,none"])
+    text = capsys.readouterr().out
+    assert "2 to run" in text and "1 cell(s) not done yet are outside --only defense=nft,none" in text
+    run_sweep(load_sweep(grid), out, paths, log=lambda s: None, only=["defense=nft,none"])
+    assert {r["config"]["defense"] for r in records_of(out).values()} == {"none", "nft"}
+    assert len(pd.read_csv(out / "results.csv")) == 2
+    run_sweep(load_sweep(grid), out, paths, log=lambda s: None, only=["defense=ft", "seed=0"])
+    run_sweep(load_sweep(grid), whole, paths, log=lambda s: None)
+    assert {k: stable(r) for k, r in records_of(out).items()} == {k: stable(r) for k, r in records_of(whole).items()}
+    assert len(pd.read_csv(out / "results.csv")) == 3  # the CSV is the whole grid's
+    with pytest.raises(ValueError, match="attack=blned matches no cell of t; its attack values are badnets"):
+        run_sweep(load_sweep(grid), out, paths, log=lambda s: None, only=["attack=blned"])
+    with pytest.raises(ValueError, match="KEY one of task, dataset, model, attack, defense, seed"):
+        run_sweep(load_sweep(grid), out, paths, log=lambda s: None, only=["budget=0.01"])
+
+
 def test_csv_is_rebuilt_from_records_only(tmp_path):
     (tmp_path / "records").mkdir()
     (tmp_path / "records" / "broken.json").write_text('{"run_id": "bro')  # never happens (atomic), still safe
