@@ -361,7 +361,9 @@ ONLY_KEYS = ("task", "dataset", "model", "attack", "defense", "seed")
 
 
 def parse_only(items: Sequence[str]) -> dict[str, set[str]]:
-    """``--only KEY=V1,V2`` items -> {key: {values}}; cells must match every key (any of its values)."""
+    """``--only KEY=V1,V2`` items -> {key: {values}}; cells must match every key (any of its values). A model or
+    defence value is a name (every variant) or a label with options, as the leaderboard writes it
+    (``preact-resnet18[width=0.25]``, ``nft[mixup=False]``)."""
     only: dict[str, set[str]] = {}
     for item in items:
         key, sep, values = item.partition("=")
@@ -377,17 +379,19 @@ def select_cells(plan: Plan, only: dict[str, set[str]]) -> int:
     """Mark the cells outside ``only`` as ``other`` (left to another invocation: not run, not copied, still in
     the folder's CSV when their records exist). Returns how many were left out; a value that matches no cell of
     the grid is an error, since it is most likely a typo."""
-    def value(c: Cell, key: str) -> str:
-        return str(getattr(c.cfg, key) if getattr(c.cfg, key) is not None else "none")
+    def names(c: Cell, key: str) -> set[str]:  # a model or defence matches by name or by its label with options
+        v = str(getattr(c.cfg, key) if getattr(c.cfg, key) is not None else "none")
+        params = {"model": c.cfg.model_kwargs, "defense": c.cfg.defense_params}.get(key)
+        return {v, v + "[" + ",".join(f"{k}={x}" for k, x in sorted(params.items())) + "]"} if params else {v}
 
     for key, values in only.items():
-        unknown = values - {value(c, key) for c in plan.cells}
-        if unknown:
-            raise ValueError(f"--only {key}={','.join(sorted(unknown))} matches no cell of {plan.name}; its "
-                             f"{key} values are {', '.join(sorted({value(c, key) for c in plan.cells}))}")
+        known = set().union(*(names(c, key) for c in plan.cells))
+        if values - known:
+            raise ValueError(f"--only {key}={','.join(sorted(values - known))} matches no cell of {plan.name}; "
+                             f"its {key} values are {', '.join(sorted(known))}")
     left = 0
     for c in plan.cells:
-        if not all(value(c, k) in vs for k, vs in only.items()) and c.status != "done":
+        if not all(names(c, k) & vs for k, vs in only.items()) and c.status != "done":
             c.status, left = "other", left + 1
     return left
 

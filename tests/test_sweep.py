@@ -345,6 +345,9 @@ def test_only_runs_a_slice_and_the_slices_make_the_whole_grid(tmp_path, runs, ca
     run_sweep(load_sweep(grid), whole, paths, log=lambda s: None)
     assert {k: stable(r) for k, r in records_of(out).items()} == {k: stable(r) for k, r in records_of(whole).items()}
     assert len(pd.read_csv(out / "results.csv")) == 3  # the CSV is the whole grid's
+    labelled = tmp_path / "labelled"
+    run_sweep(load_sweep(grid), labelled, paths, log=lambda s: None, only=["defense=nft[steps=5]"])
+    assert [r["config"]["defense"] for r in records_of(labelled).values()] == ["nft"]
     with pytest.raises(ValueError, match="attack=blned matches no cell of t; its attack values are badnets"):
         run_sweep(load_sweep(grid), out, paths, log=lambda s: None, only=["attack=blned"])
     with pytest.raises(ValueError, match="KEY one of task, dataset, model, attack, defense, seed"):
