@@ -12,7 +12,8 @@ It writes, next to the sweeps, whichever of these the finished records allow:
 
 - ``dev_ranking.csv``: the variants ranked on the development grid by the honest rule (``benchmarks.select``);
 - ``variants.csv``: attack x variant on the evaluation grid: C-ACC, ASR, RA, DER (mean and std over seeds),
-  defence time and its ratio to the paper default's on the same victim and seed;
+  defence time and its ratio to the paper default's on the same victim and seed, and the learnt masks' mean and
+  count below 0.5 (mean over seeds);
 - ``budgets.csv``: NFT and fine-tuning against the clean budget; ``scale.csv``: NFT against model size, with each
   model's parameter count and number of masked neurons;
 - ``study.md`` with those tables, and ``plots/{variants,budgets,scale}.png``.
@@ -49,6 +50,8 @@ from benchmarks.select import markdown as ranking_markdown
 from benchmarks.select import rank_variants
 
 PARTS = ("dev-digits", "variants", "budgets", "scale")
+# The NFT engine's summary of the learnt masks (defenses/nft.py, its record's defense_info): column -> key.
+MASK_STATS = {"mask_neurons": "mask_neurons", "mask_mean": "mask_mean", "masks_below_half": "mask_below_0.5"}
 COLUMNS = ["attack", "model", "defense", "budget", "clean_samples", "n_seeds", "seeds", "failed",
            "clean_acc_before", "asr_before", "clean_acc_mean", "clean_acc_std", "asr_mean", "asr_std",
            "ra_mean", "ra_std", "der_mean", "der_std", "defense_time_s_mean", "time_vs_nft_mean"]
@@ -59,14 +62,21 @@ def load_part(folder: Path) -> pd.DataFrame:
     records, _ = load_records(find_records([folder]))
     df, _ = records_frame(records)
     if not df.empty:
-        masks = {r.get("run_id"): (r.get("defense_info") or {}).get("mask_neurons") for r in records}
-        df["mask_neurons"] = df["run_id"].map(masks)
+        info = {r.get("run_id"): r.get("defense_info") or {} for r in records}
+        for column, key in MASK_STATS.items():
+            df[column] = df["run_id"].map(lambda i, key=key: info.get(i, {}).get(key))
     return df
 
 
 def table(df: pd.DataFrame) -> pd.DataFrame:
-    """Leaderboard aggregation (means and stds over seeds), restricted to the study's columns."""
-    return aggregate(df)[COLUMNS]
+    """Leaderboard aggregation (means and stds over seeds), restricted to the study's columns, plus the mean over
+    the ``ok`` seeds of the learnt masks' statistics (NFT runs only; empty for other defences)."""
+    t = aggregate(df)[COLUMNS]
+    stats = [c for c in MASK_STATS if c != "mask_neurons" and c in df]
+    if not stats:
+        return t
+    means = df[df["status"] == "ok"].groupby(["attack", "model", "defense", "budget"], dropna=False)[stats].mean()
+    return t.merge(means.reset_index(), on=["attack", "model", "defense", "budget"], how="left")
 
 
 def _cell(r: Any) -> str:

@@ -27,7 +27,8 @@ def record(part: Path, attack: str, defense: str, params: dict, seed: int, acc: 
     }
     if status == "ok":
         r.update(clean_samples=samples, after={"clean_acc": acc, "asr": asr, "ra": 0.5},
-                 defense_info={"defense": defense, "wall_time_s": secs, "mask_neurons": 448},
+                 defense_info={"defense": defense, "wall_time_s": secs, "mask_neurons": 448,
+                               "mask_mean": 0.9 - 0.1 * seed, "mask_below_0.5": 10 * seed},
                  der=(max(0.0, 0.95 - asr) - max(0.0, 0.84 - acc) + 1) / 2)
     else:
         r["error"] = "NonFiniteLossError: loss is nan"
@@ -82,6 +83,7 @@ def test_study_tables_plots_and_honest_choice(study):
     short = variants[("badnets", "nft[steps=250]")]
     assert float(short["time_vs_nft_mean"]) == pytest.approx(0.25)
     assert short["failed"] == "1"  # the failed seed is counted, not dropped
+    assert float(default["masks_below_half"]) == pytest.approx(10) and float(default["mask_mean"]) == pytest.approx(0.8)
 
     budgets = {(r["attack"], r["defense"], r["clean_samples"]): r for r in rows(study / "budgets.csv")}
     assert float(budgets[("blend", "nft", "10")]["asr_mean"]) == pytest.approx(0.6)
