@@ -10,7 +10,10 @@ Targets (``target``):
 - ``bn_gamma``: BatchNorm weight only, ``BN(x) = gamma * m * x_hat + beta`` (NFT's choice).
 - ``bn_affine``: BatchNorm weight and bias, i.e. the whole BN output channel is scaled.
 - ``layernorm``: LayerNorm gain (the BN analogue in Transformers).
-- ``linear_out`` / ``conv_out``: output channels of Linear / Conv layers (weight rows and bias).
+- ``linear_out`` / ``conv_out``: output channels of Linear / Conv layers (weight rows and bias). A conv whose
+  output goes straight into a BatchNorm in train mode cannot be masked this way: BN divides each channel by its
+  batch statistics, so the scale cancels and the mask gets (almost) no gradient. NFT's default of updating BN
+  statistics therefore leaves ``conv_out`` masks at 1 on conv -> BN networks (measured in issue 9's study).
 
 Transformer neurons (found by module names and attributes, so Hugging Face models need no changes):
 - ``ffn``: FFN hidden units, the output channels (weight rows and bias) of each block's first FFN Linear (named

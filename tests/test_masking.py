@@ -103,6 +103,23 @@ def test_clamp_holds_layer_floors_and_noise_perturbs():
     assert torch.equal(bn.bias, before_b)
 
 
+def test_conv_masks_before_a_train_mode_bn_learn_nothing():
+    """Why nft[mask_target=conv_out] leaves its masks at 1 on conv -> BN networks (issue 9's study): BN in train
+    mode normalises each channel by its batch statistics, so scaling a conv output channel cancels out; with BN
+    statistics frozen (eval mode) the same masks do get a gradient."""
+    torch.manual_seed(1)
+    x, y = torch.randn(32, 3, 32, 32), torch.randint(0, 10, (32,))
+
+    def mean_grad(target, train):
+        model = make("resnet-quick", width=1.0).train(train)  # every conv of resnet-quick feeds a BN
+        masks = NeuronMasks(model, target)
+        nn.functional.cross_entropy(model(x), y).backward()
+        return torch.cat([p.grad.abs() for p in masks.masks]).mean().item()
+
+    assert mean_grad("conv_out", True) < 1e-2 * mean_grad("bn_gamma", True)  # only BN's eps leaves a trace
+    assert mean_grad("conv_out", False) > 100 * mean_grad("conv_out", True)
+
+
 def test_unknown_target_and_empty_family_errors():
     with pytest.raises(ValueError, match="unknown mask target"):
         NeuronMasks(make(), "heads")
