@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 
 from benchmarks.checkpoint import atomic_write_text
-from benchmarks.records import record_row
+from benchmarks.records import params_label, record_row
 
 GROUP_KEYS = ["task", "dataset", "model", "scale", "attack", "defense", "budget"]
 METRICS = [  # (column of results.csv, prefix of the leaderboard's mean/std columns)
@@ -82,12 +82,6 @@ def load_records(paths: Iterable[Path]) -> tuple[list[dict[str, Any]], list[str]
         if prev is None or _rank(record) > _rank(prev):
             by_id[record["run_id"]] = record
     return list(by_id.values()), notes
-
-
-def params_label(name: str, params: dict[str, Any]) -> str:
-    if not params:
-        return name
-    return name + "[" + ",".join(f"{k}={v}" for k, v in sorted(params.items())) + "]"  # as benchmarks.sweep names cells
 
 
 def records_frame(records: Sequence[dict[str, Any]]) -> tuple[pd.DataFrame, list[str]]:

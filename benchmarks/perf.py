@@ -33,8 +33,7 @@ from typing import Any
 import torch
 
 from attacks import create_attack
-from benchmarks.leaderboard import params_label
-from benchmarks.records import device_name, versions
+from benchmarks.records import device_name, params_label, versions
 from benchmarks.victims import get_victim
 from defenses import DEFENSES, purify
 from defenses.base import check_finite

@@ -15,6 +15,14 @@ from typing import Any
 from benchmarks.checkpoint import atomic_write_text
 
 
+def params_label(name: str, params: dict[str, Any]) -> str:
+    """A name with the options that set it apart, as sweeps, leaderboards and perf label cells:
+    ``nft[mixup=False]``, ``preact-resnet18[width=0.25]``; the bare name without options."""
+    if not params:
+        return name
+    return name + "[" + ",".join(f"{k}={v}" for k, v in sorted(params.items())) + "]"
+
+
 def config_hash(config: dict[str, Any], length: int = 12) -> str:
     """Stable hash of a JSON-able config (key order does not matter)."""
     blob = json.dumps(config, sort_keys=True, default=str, separators=(",", ":"))

@@ -44,7 +44,7 @@ from typing import Any
 import yaml
 
 from benchmarks.checkpoint import atomic_write_text
-from benchmarks.records import CSV_COLUMNS, config_hash, record_row, versions, write_record
+from benchmarks.records import CSV_COLUMNS, config_hash, params_label, record_row, versions, write_record
 from benchmarks.run import Paths, RunConfig, run_config, run_once
 
 CONFIG_DIR = Path(__file__).parent / "configs"
@@ -335,12 +335,8 @@ class Cell:
 
     def label(self) -> str:
         c = self.config
-        attack = (c.get("attack") or {}).get("name", "none")
-        if self.cfg.attack_params:
-            attack += "[" + ",".join(f"{k}={v}" for k, v in sorted(self.cfg.attack_params.items())) + "]"
-        defense = c["defense"]
-        if self.cfg.defense_params:
-            defense += "[" + ",".join(f"{k}={v}" for k, v in sorted(self.cfg.defense_params.items())) + "]"
+        attack = params_label((c.get("attack") or {}).get("name", "none"), self.cfg.attack_params)
+        defense = params_label(c["defense"], self.cfg.defense_params)
         return (f"{c['task']['task']} {c['task']['dataset']} {c['task'].get('model') or '-'} {attack} "
                 f"{defense} clean={c['budget']} seed={c['seed']}")
 
@@ -381,8 +377,7 @@ def select_cells(plan: Plan, only: dict[str, set[str]]) -> int:
     the grid is an error, since it is most likely a typo."""
     def names(c: Cell, key: str) -> set[str]:  # a model or defence matches by name or by its label with options
         v = str(getattr(c.cfg, key) if getattr(c.cfg, key) is not None else "none")
-        params = {"model": c.cfg.model_kwargs, "defense": c.cfg.defense_params}.get(key)
-        return {v, v + "[" + ",".join(f"{k}={x}" for k, x in sorted(params.items())) + "]"} if params else {v}
+        return {v, params_label(v, {"model": c.cfg.model_kwargs, "defense": c.cfg.defense_params}.get(key) or {})}
 
     for key, values in only.items():
         known = set().union(*(names(c, key) for c in plan.cells))
