@@ -161,11 +161,11 @@ def test_nft_study_presets_expand_to_their_grids():
     from benchmarks.sweep import expand
 
     ablations = expand(load_sweep("nft-ablations"))
-    assert len(ablations) == 3 * 3 * 13 and {c.defense for c in ablations} == {"none", "nft"}
+    assert len(ablations) == 3 * 3 * 14 and {c.defense for c in ablations} == {"none", "nft"}
     assert {"mix": "cutmix"} in [c.defense_params for c in ablations]
     assert len(expand(load_sweep("nft-budgets"))) == 3 * 4 * 3 * 3
     dev = expand(load_sweep("nft-dev-digits"))
-    assert len(dev) == 3 * 3 * 13 and {c.dataset for c in dev} == {"digits"}
+    assert len(dev) == 3 * 3 * 14 and {c.dataset for c in dev} == {"digits"}
     assert {str(c.defense_params) for c in dev} == {str(c.defense_params) for c in ablations}  # same variants
     scale = expand(load_sweep("nft-scale"))
     assert {(c.model, c.model_kwargs.get("width")) for c in scale} == {
