@@ -157,15 +157,10 @@ def time_defenses(task: Task, model: torch.nn.Module, clean: Any, runs: list[tup
 def sweep_variants(config: str) -> list[tuple[str, dict[str, Any]]]:
     """The ``defenses:`` entries of a sweep config (``nft-ablations`` or a YAML path), ``none`` left out, as
     (name, options); labels follow the sweep's (``nft[mixup=False]``)."""
-    from benchmarks.sweep import load_sweep
+    from benchmarks.sweep import load_sweep, named_entry
 
-    grid = load_sweep(config)
-    out = []
-    for entry in grid.get("defenses") or []:
-        name, params = (entry, {}) if isinstance(entry, str) else \
-            (entry["name"], {k: v for k, v in entry.items() if k != "name"})
-        if name != "none":
-            out.append((name, params))
+    entries = [named_entry(e, "defence", "defenses", []) for e in load_sweep(config).get("defenses") or []]
+    out = [(name, params) for name, params in filter(None, entries) if name != "none"]
     if not out:
         raise ValueError(f"{config}: no defences to time in its 'defenses:' list")
     return out

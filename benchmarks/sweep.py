@@ -143,7 +143,7 @@ def _as_list(grid: dict[str, Any], key: str, problems: list[str]) -> list[Any]:
     return v
 
 
-def _named(entry: Any, kind: str, where: str, problems: list[str]) -> tuple[str, dict[str, Any]] | None:
+def named_entry(entry: Any, kind: str, where: str, problems: list[str]) -> tuple[str, dict[str, Any]] | None:
     """``"nft"`` or ``{name: nft, steps: 30}`` -> (name, params)."""
     if isinstance(entry, str):
         return entry, {}
@@ -188,7 +188,7 @@ def expand(grid: dict[str, Any]) -> list[RunConfig]:
     tasks = tasks if isinstance(tasks, list) else []
     model_specs: list[tuple[str | None, dict[str, Any]]] = []  # (name or None = the dataset's default, options)
     for i, entry in enumerate(model_entries if isinstance(model_entries, list) else []):
-        named = (None, {}) if entry is None else _named(entry, "model", f"models[{i}]", problems)
+        named = (None, {}) if entry is None else named_entry(entry, "model", f"models[{i}]", problems)
         if named is not None:
             model_specs.append(named)
     models = [name for name, _ in model_specs]
@@ -229,7 +229,7 @@ def expand(grid: dict[str, Any]) -> list[RunConfig]:
     attacks: list[tuple[str | None, dict[str, Any]]] = []
     attack_names: set[str] = set()
     for i, entry in enumerate(_as_list(grid, "attacks", problems)):
-        named = _named(entry, "attack", f"attacks[{i}]", problems)
+        named = named_entry(entry, "attack", f"attacks[{i}]", problems)
         if named is None:
             continue
         name, params = named
@@ -254,7 +254,7 @@ def expand(grid: dict[str, Any]) -> list[RunConfig]:
     defenses: list[tuple[str, dict[str, Any]]] = []
     defense_names: set[str] = set()
     for i, entry in enumerate(_as_list(grid, "defenses", problems)):
-        named = _named(entry, "defence", f"defenses[{i}]", problems)
+        named = named_entry(entry, "defence", f"defenses[{i}]", problems)
         if named is None:
             continue
         name, params = named
