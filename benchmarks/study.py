@@ -37,6 +37,7 @@ import pandas as pd
 
 from benchmarks.checkpoint import atomic_write_text
 from benchmarks.leaderboard import (
+    GROUP_KEYS,
     MARKERS,
     _empty,
     _figure,
@@ -71,12 +72,11 @@ def load_part(folder: Path) -> pd.DataFrame:
 def table(df: pd.DataFrame) -> pd.DataFrame:
     """Leaderboard aggregation (means and stds over seeds), restricted to the study's columns, plus the mean over
     the ``ok`` seeds of the learnt masks' statistics (NFT runs only; empty for other defences)."""
-    t = aggregate(df)[COLUMNS]
     stats = [c for c in MASK_STATS if c != "mask_neurons" and c in df]
     if not stats:
-        return t
-    means = df[df["status"] == "ok"].groupby(["attack", "model", "defense", "budget"], dropna=False)[stats].mean()
-    return t.merge(means.reset_index(), on=["attack", "model", "defense", "budget"], how="left")
+        return aggregate(df)[COLUMNS]
+    means = df[df["status"] == "ok"].groupby(GROUP_KEYS, dropna=False)[stats].mean().reset_index()
+    return aggregate(df).merge(means, on=GROUP_KEYS, how="left")[COLUMNS + stats]
 
 
 def _cell(r: Any) -> str:
