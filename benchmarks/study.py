@@ -12,8 +12,8 @@ It writes, next to the sweeps, whichever of these the finished records allow:
 
 - ``dev_ranking.csv``: the variants ranked on the development grid by the honest rule (``benchmarks.select``);
 - ``variants.csv``: attack x variant on the evaluation grid: C-ACC, ASR, RA, DER (mean and std over seeds),
-  defence time and its ratio to the paper default's on the same victim and seed, and the learnt masks' mean and
-  count below 0.5 (mean over seeds);
+  defence time and its ratio to the paper default's on the same victim and seed (mean and median), and the learnt
+  masks' mean and count below 0.5 (mean over seeds);
 - ``budgets.csv``: NFT and fine-tuning against the clean budget; ``scale.csv``: NFT against model size, with each
   model's parameter count and number of masked neurons;
 - ``study.md`` with those tables, and ``plots/{variants,budgets,scale}.png``.
@@ -70,13 +70,16 @@ def load_part(folder: Path) -> pd.DataFrame:
 
 
 def table(df: pd.DataFrame) -> pd.DataFrame:
-    """Leaderboard aggregation (means and stds over seeds), restricted to the study's columns, plus the mean over
-    the ``ok`` seeds of the learnt masks' statistics (NFT runs only; empty for other defences)."""
+    """Leaderboard aggregation (means and stds over seeds), restricted to the study's columns, plus, over the
+    ``ok`` seeds, the median defence time and time ratio to the paper default (a run slowed by other work on a
+    shared machine moves a mean, not a median) and the mean of the learnt masks' statistics (NFT runs only)."""
+    ok = df[df["status"] == "ok"]
+    medians = ok.groupby(GROUP_KEYS, dropna=False)[["defense_time_s", "time_vs_nft"]].median()
+    extra = medians.add_suffix("_median")
     stats = [c for c in MASK_STATS if c != "mask_neurons" and c in df]
-    if not stats:
-        return aggregate(df)[COLUMNS]
-    means = df[df["status"] == "ok"].groupby(GROUP_KEYS, dropna=False)[stats].mean().reset_index()
-    return aggregate(df).merge(means, on=GROUP_KEYS, how="left")[COLUMNS + stats]
+    if stats:
+        extra = extra.join(ok.groupby(GROUP_KEYS, dropna=False)[stats].mean())
+    return aggregate(df).merge(extra.reset_index(), on=GROUP_KEYS, how="left")[COLUMNS + list(extra.columns)]
 
 
 def _cell(r: Any) -> str:
@@ -93,19 +96,19 @@ def side_by_side(path: Path) -> dict[str, Any] | None:
 
 
 def variants_markdown(t: pd.DataFrame, perf: dict[str, Any] | None = None) -> str:
-    """Rows: the victim ('none') and each variant; columns: each attack's C-ACC / ASR (seeds), then the mean
+    """Rows: the victim ('none') and each variant; columns: each attack's C-ACC / ASR (seeds), then the median
     defence time in the sweeps and the ratio to the paper default's: the side-by-side run's (``perf``) when
-    given, else the sweeps' (same victim and seed)."""
+    given, else the median of the sweeps' (same victim and seed)."""
     attacks = list(dict.fromkeys(t["attack"]))
     variants = list(dict.fromkeys(t["defense"]))
     ratios = {r["defense"]: r.get("ratio_to_nft") for r in perf["defenses"]} if perf else None
-    lines = ["| variant | " + " | ".join(attacks) + " | time (s) | x default" + (" (one run)" if perf else "")
+    lines = ["| variant | " + " | ".join(attacks) + " | time (s, median) | x default" + (" (one run)" if perf else "")
              + " |", "|---" * (len(attacks) + 3) + "|"]
     for v in variants:
         rows = t[t["defense"] == v].set_index("attack")
         cells = [_cell(rows.loc[a]) if a in rows.index else "-" for a in attacks]
-        secs = rows["defense_time_s_mean"].mean()
-        ratio = rows["time_vs_nft_mean"].mean() if ratios is None else ratios.get(v)
+        secs = rows["defense_time_s_median"].median()
+        ratio = rows["time_vs_nft_median"].median() if ratios is None else ratios.get(v)
         tail = ["-", "-"] if v == "none" else [f"{secs:.0f}", "-" if ratio is None else f"{ratio:.2f}"]
         lines.append(f"| {v} | " + " | ".join(cells + tail) + " |")
     return "\n".join(lines)

@@ -904,7 +904,7 @@ def run_sweep(config: str | os.PathLike | dict[str, Any], out: str | os.PathLike
             write_record(out / "records" / f"{cell.run_id}.json", {**record, "copied_from": str(cell.source)})
             cell.status = "done"
     todo = plan.todo()
-    done = len(plan.cells) - len(todo)
+    done = sum(c.status == "done" for c in plan.cells)
     log(f"sweep {plan.name}: {len(plan.cells)} cells, {done} done (skipped), {len(todo)} to run -> {out}")
     for n in plan.notes:
         log(f"note: {n}")

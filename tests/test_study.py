@@ -52,7 +52,8 @@ def study(tmp_path) -> Path:
             record(root / "dev-digits", attack, "nft", {"mixup": False}, seed, 0.80, 0.60 - 0.02 * seed, 9)
             record(root / "variants", attack, "none", {}, seed, 0.84, 0.95, 0)
             record(root / "variants", attack, "nft", {}, seed, 0.80 + 0.01 * seed, 0.50, 100)
-            record(root / "variants", attack, "nft", {"steps": 250}, seed, 0.82, 0.70, 25)
+            # seed 2's run shared the machine with other work: it moves the mean time, not the median
+            record(root / "variants", attack, "nft", {"steps": 250}, seed, 0.82, 0.70, 25 if seed < 2 else 100)
             for budget, n in (("1/class", 10), ("0.01", 500)):
                 record(root / "budgets", attack, "nft", {}, seed, 0.7, 0.6 if n == 10 else 0.4, 90,
                        budget=budget, samples=n)
@@ -81,7 +82,8 @@ def test_study_tables_plots_and_honest_choice(study):
     assert float(default["clean_acc_std"]) == pytest.approx(0.01)
     assert default["n_seeds"] == "3" and default["seeds"] == "0 1 2"
     short = variants[("badnets", "nft[steps=250]")]
-    assert float(short["time_vs_nft_mean"]) == pytest.approx(0.25)
+    assert float(short["time_vs_nft_mean"]) == pytest.approx(0.5)
+    assert float(short["time_vs_nft_median"]) == pytest.approx(0.25)
     assert short["failed"] == "1"  # the failed seed is counted, not dropped
     assert float(default["masks_below_half"]) == pytest.approx(10) and float(default["mask_mean"]) == pytest.approx(0.8)
 
@@ -107,11 +109,11 @@ def test_side_by_side_ratios_replace_the_sweeps(study):
     (study / "perf.json").write_text(json.dumps(perf))
     build_study(study)
     md = (study / "study.md").read_text()
-    assert "| time (s) | x default (one run) |" in md
+    assert "| time (s, median) | x default (one run) |" in md
     assert "(3) | 25 | 0.31 |" in md and "| nft | " in md and "(3) | 100 | 1.00 |" in md
     assert "one run on one victim (`perf.json`): cpu (test), badnets victim v0, seed 0, defaults." in md
     assert float({r["defense"]: r for r in rows(study / "variants.csv") if r["attack"] == "badnets"}
-                 ["nft[steps=250]"]["time_vs_nft_mean"]) == pytest.approx(0.25)  # the CSV keeps the sweeps' own
+                 ["nft[steps=250]"]["time_vs_nft_median"]) == pytest.approx(0.25)  # the CSV keeps the sweeps' own
 
 
 def test_parameter_count_and_empty_study(tmp_path):
