@@ -248,9 +248,10 @@ def _figure(width: float = 6.4, height: float = 4.8):
     return fig
 
 
-def _save(fig, path: Path) -> None:
+def _save(fig, path: Path, rect: tuple[float, float, float, float] = (0, 0, 1, 1)) -> None:
+    """Lay the panels out inside ``rect`` (figure fractions; room left outside it for a figure legend), write."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
+    fig.tight_layout(rect=rect)
     fig.savefig(path, format="png")
 
 

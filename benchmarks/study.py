@@ -169,7 +169,7 @@ def scale_markdown(t: pd.DataFrame) -> str:
 def plot_variants(t: pd.DataFrame, path: Path) -> None:
     """One panel per attack: each variant's clean accuracy against its ASR (mean ± std over seeds)."""
     attacks = list(dict.fromkeys(t["attack"]))
-    fig = _figure(4.2 * max(1, len(attacks)), 4.4)
+    fig = _figure(4.2 * max(1, len(attacks)), 5.6)
     variants = list(dict.fromkeys(t["defense"]))
     colours = {v: f"C{i % 10}" for i, v in enumerate(variants)}
     markers = {v: MARKERS[i // 10 % len(MARKERS)] for i, v in enumerate(variants)}
@@ -187,9 +187,11 @@ def plot_variants(t: pd.DataFrame, path: Path) -> None:
         ax.set_xlabel("ASR after (%)")
         ax.set_ylabel("clean accuracy after (%)")
         ax.set_title(attack, fontsize=9)
-        if i == 0:
-            ax.legend(fontsize=6, loc="lower left")
-    _save(fig, path)
+    handles = {}
+    for ax in fig.axes:  # one legend for all panels, below them, so it hides no point
+        handles.update(zip(*reversed(ax.get_legend_handles_labels()), strict=True))
+    fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=4, fontsize=7, frameon=False)
+    _save(fig, path, rect=(0, 0.15, 1, 1))
 
 
 def plot_lines(t: pd.DataFrame, x: str, xlabel: str, path: Path) -> None:
