@@ -18,9 +18,10 @@ It writes, next to the sweeps, whichever of these the finished records allow:
   model's parameter count and number of masked neurons;
 - ``study.md`` with those tables, and ``plots/{variants,budgets,scale}.png``.
 
-The sweeps' defence times come from whatever else the machine was running. When ``root/perf.json`` exists
-(``nftbench perf --variants nft-ablations --dataset cifar10 --json results/ablations/perf.json``: every variant
-timed side by side in one run on one victim), the variants table's ratio column is that run's instead.
+The sweeps' defence times come from whatever else the machine was running, so the variants table gives their
+medians. When ``root/perf.json`` exists (``nftbench perf --variants nft-ablations --dataset cifar10 --json
+results/ablations/perf.json``: every variant timed side by side in one run on one victim), it adds that run's
+ratios in a column of their own.
 
 ASR appears in the evaluation tables because they are evaluation; only ``dev_ranking`` chooses anything.
 """
@@ -96,20 +97,23 @@ def side_by_side(path: Path) -> dict[str, Any] | None:
 
 
 def variants_markdown(t: pd.DataFrame, perf: dict[str, Any] | None = None) -> str:
-    """Rows: the victim ('none') and each variant; columns: each attack's C-ACC / ASR (seeds), then the median
-    defence time in the sweeps and the ratio to the paper default's: the side-by-side run's (``perf``) when
-    given, else the median of the sweeps' (same victim and seed)."""
+    """Rows: the victim ('none') and each variant; columns: each attack's C-ACC / ASR (seeds), the median defence
+    time in the sweeps, the median ratio to the paper default's time on the same victim and seed, and, when
+    ``perf`` is given, the ratio measured side by side in that one run."""
     attacks = list(dict.fromkeys(t["attack"]))
     variants = list(dict.fromkeys(t["defense"]))
-    ratios = {r["defense"]: r.get("ratio_to_nft") for r in perf["defenses"]} if perf else None
-    lines = ["| variant | " + " | ".join(attacks) + " | time (s, median) | x default" + (" (one run)" if perf else "")
-             + " |", "|---" * (len(attacks) + 3) + "|"]
+    one_run = {r["defense"]: r.get("ratio_to_nft") for r in perf["defenses"]} if perf else None
+    head = " | time (s, median) | x default (median)" + (" | x default (one run)" if perf else "")
+    lines = ["| variant | " + " | ".join(attacks) + head + " |", "|---" * (len(attacks) + 3 + bool(perf)) + "|"]
     for v in variants:
         rows = t[t["defense"] == v].set_index("attack")
         cells = [_cell(rows.loc[a]) if a in rows.index else "-" for a in attacks]
-        secs = rows["defense_time_s_median"].median()
-        ratio = rows["time_vs_nft_median"].median() if ratios is None else ratios.get(v)
-        tail = ["-", "-"] if v == "none" else [f"{secs:.0f}", "-" if ratio is None else f"{ratio:.2f}"]
+        ratios = [rows["time_vs_nft_median"].median()] + ([one_run.get(v)] if perf else [])
+        if v == "none":
+            tail = ["-"] * (1 + len(ratios))
+        else:
+            tail = [f"{rows['defense_time_s_median'].median():.0f}"]
+            tail += ["-" if r is None or pd.isna(r) else f"{r:.2f}" for r in ratios]
         lines.append(f"| {v} | " + " | ".join(cells + tail) + " |")
     return "\n".join(lines)
 

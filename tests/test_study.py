@@ -109,8 +109,8 @@ def test_side_by_side_ratios_replace_the_sweeps(study):
     (study / "perf.json").write_text(json.dumps(perf))
     build_study(study)
     md = (study / "study.md").read_text()
-    assert "| time (s, median) | x default (one run) |" in md
-    assert "(3) | 25 | 0.31 |" in md and "| nft | " in md and "(3) | 100 | 1.00 |" in md
+    assert "| time (s, median) | x default (median) | x default (one run) |" in md
+    assert "(3) | 25 | 0.25 | 0.31 |" in md and "| nft | " in md and "(3) | 100 | 1.00 | 1.00 |" in md
     assert "one run on one victim (`perf.json`): cpu (test), badnets victim v0, seed 0, defaults." in md
     assert float({r["defense"]: r for r in rows(study / "variants.csv") if r["attack"] == "badnets"}
                  ["nft[steps=250]"]["time_vs_nft_median"]) == pytest.approx(0.25)  # the CSV keeps the sweeps' own
