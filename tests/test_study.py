@@ -102,7 +102,7 @@ def test_study_tables_plots_and_honest_choice(study):
     assert "| 1/class (10 images) |" in md
 
 
-def test_side_by_side_ratios_replace_the_sweeps(study):
+def test_side_by_side_ratios_sit_beside_the_sweeps(study):
     perf = {"device": "cpu (test)", "attack": "badnets", "seed": 0, "victim": {"victim_id": "v0"},
             "mode": "defaults", "defenses": [{"defense": "nft", "ratio_to_nft": 1.0},
                                              {"defense": "nft[steps=250]", "ratio_to_nft": 0.31}]}
