@@ -43,7 +43,9 @@ def add_victim_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="default: the dataset's model for --scale")
     p.add_argument("--model-param", action="append", metavar="KEY=VALUE",
                    help="model option, repeatable (e.g. width=0.5, pretrained=/path/resnet50.pth)")
-    p.add_argument("--scale", default="quick", choices=["quick", "paper"])
+    p.add_argument("--scale", default="quick", choices=["quick", "fast", "paper"],
+                   help="quick: CPU minutes; fast: airbench (image, 32x32 data), ~94%% CIFAR-10 on a CPU in under an "
+                   "hour; paper: the paper's models and recipes")
     p.add_argument("--attack", default=None, help="a registered attack of the task's modality, or 'none' for a "
                    "benign model (default: image badnets, pointcloud pointba-i)")
     p.add_argument("--poison-rate", type=float, default=None)

@@ -1,5 +1,5 @@
 """FT: plain weight fine-tuning on the defender's clean split, the motivating baseline of the NFT paper
-(Karim, Arafat, Khan, Rahnavard, Bhattarai, "Augmented Neural Fine-Tuning for Efficient Backdoor
+(Karim, Arafat, Khalid, Guo, Rahnavard, "Augmented Neural Fine-Tuning for Efficient Backdoor
 Purification", ECCV 2024, arXiv 2407.10052; vanilla fine-tuning as a defence goes back to Liu, Dolan-Gavitt,
 Garg, "Fine-Pruning", RAID 2018).
 

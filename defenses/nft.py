@@ -1,5 +1,5 @@
-"""NFT: Neural mask Fine-Tuning (Karim, Arafat, Khan, Rahnavard, Bhattarai, "Augmented Neural Fine-Tuning
-for Efficient Backdoor Purification", ECCV 2024, arXiv 2407.10052).
+"""NFT: Neural mask Fine-Tuning (Karim, Arafat, Khalid, Guo, Rahnavard, "Augmented Neural Fine-Tuning for
+Efficient Backdoor Purification", ECCV 2024, arXiv 2407.10052).
 
 Learns one multiplicative mask per neuron (the task's ``mask_target``: BatchNorm gamma for CNNs and PointNet,
 attention heads and FFN units for Transformers) on the defender's clean data, augmented with the task's MixUp,
@@ -70,6 +70,7 @@ def layer_floors(n_layers: int, alpha: float, beta: float) -> list[float]:
 @register_defense("nft", NFTConfig, "Karim et al., Augmented Neural Fine-Tuning for Efficient Backdoor "
                                    "Purification, ECCV 2024")
 def nft(model: nn.Module, task: Any, clean: Any, cfg: NFTConfig, seed: int = 0) -> tuple[nn.Module, dict]:
+    trainable = {name: p.requires_grad for name, p in model.named_parameters()}
     for p in model.parameters():
         p.requires_grad_(False)
     target = cfg.mask_target or task.mask_target
@@ -108,6 +109,6 @@ def nft(model: nn.Module, task: Any, clean: Any, cfg: NFTConfig, seed: int = 0) 
     finally:  # on success the masks are folded in; on failure the model gets its own weights back
         masks.remove(fold=done)
         model.eval()
-        for p in model.parameters():
-            p.requires_grad_(True)
+        for name, p in model.named_parameters():  # as given (airbench's BN scales stay frozen)
+            p.requires_grad_(trainable.get(name, True))
     return model, info

@@ -183,6 +183,79 @@ class QuickResNet(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------
+# airbench94 (Jordan, "94% on CIFAR-10 in 3.29 Seconds on a Single GPU", arXiv 2404.00498): the fast scale's model.
+
+
+class AirbenchGroup(nn.Module):
+    """conv3x3 -> max-pool 2 -> BN -> GELU -> conv3x3 -> BN -> GELU, convs dirac-initialised on their first
+    input channels, BN eps 1e-12 with PyTorch momentum 0.4 (the paper's 0.6) and weight fixed at 1."""
+
+    def __init__(self, cin: int, cout: int):
+        super().__init__()
+        self.conv1 = dirac_conv(cin, cout)
+        self.pool = nn.MaxPool2d(2)
+        self.bn1 = fixed_scale_bn(cout)
+        self.conv2 = dirac_conv(cout, cout)
+        self.bn2 = fixed_scale_bn(cout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = F.gelu(self.bn1(self.pool(self.conv1(x))))
+        return F.gelu(self.bn2(self.conv2(x)))
+
+
+def dirac_conv(cin: int, cout: int) -> nn.Conv2d:
+    conv = nn.Conv2d(cin, cout, 3, padding=1, bias=False)
+    with torch.no_grad():
+        nn.init.dirac_(conv.weight[: min(cin, cout)])
+    return conv
+
+
+def fixed_scale_bn(channels: int) -> nn.BatchNorm2d:
+    bn = nn.BatchNorm2d(channels, eps=1e-12, momentum=0.4)
+    bn.weight.requires_grad_(False)
+    return bn
+
+
+class AirbenchNet(nn.Module):
+    """airbench94's network (Jordan 2024, Sec. 3): a frozen 2x2 whitening conv (2 x C x 4 filters: the +/- scaled
+    eigenvectors of the 2x2 patch covariance, :meth:`init_from_data`) with a trained bias, GELU, three
+    :class:`AirbenchGroup` of widths (64, 256, 256), global max pool, linear without bias scaled by 1/9. 1.97M
+    parameters on CIFAR-10. BN weights stay at 1 in training (airbench's choice); NFT masks them all the same (the
+    mask is a per-channel scale after normalisation), so its six BN layers carry 1,152 masks."""
+
+    mask_exclude: tuple[str, ...] = ()
+    feature_layer = "block3"
+    early_params = ("whiten.bias",)  # trained for the recipe's ``early_param_epochs`` only (airbench: 3)
+
+    def __init__(self, num_classes: int, in_channels: int = 3, widths: Sequence[int] = (64, 256, 256),
+                 whiten_eps: float = 5e-4):
+        super().__init__()
+        self.whiten_eps = whiten_eps
+        self.whiten = nn.Conv2d(in_channels, 2 * in_channels * 4, 2, bias=True)
+        self.whiten.weight.requires_grad_(False)
+        self.block1 = AirbenchGroup(self.whiten.out_channels, widths[0])
+        self.block2 = AirbenchGroup(widths[0], widths[1])
+        self.block3 = AirbenchGroup(widths[1], widths[2])
+        self.linear = nn.Linear(widths[2], num_classes, bias=False)
+
+    @torch.no_grad()
+    def init_from_data(self, x: Tensor) -> None:
+        """Whitening filters from normalised images ``x`` (N, C, H, W): the eigenvectors of the (uncentred)
+        covariance of all 2x2 patches, each divided by sqrt(eigenvalue + eps), largest first, and their negatives."""
+        c, k = x.shape[1], self.whiten.kernel_size[0]
+        patches = x.float().unfold(2, k, 1).unfold(3, k, 1)  # N, C, H', W', k, k
+        patches = patches.permute(0, 2, 3, 1, 4, 5).reshape(-1, c * k * k)
+        cov = patches.T @ patches / len(patches)
+        eigenvalues, eigenvectors = torch.linalg.eigh(cov)
+        filters = (eigenvectors.T / (eigenvalues[:, None] + self.whiten_eps).sqrt()).flip(0).view(-1, c, k, k)
+        self.whiten.weight.copy_(torch.cat([filters, -filters]).to(self.whiten.weight))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.block3(self.block2(self.block1(F.gelu(self.whiten(x)))))
+        return self.linear(F.adaptive_max_pool2d(x, 1).flatten(1)) / 9
+
+
+# ---------------------------------------------------------------------------------------------
 # ResNet-50 (torchvision) for ImageNet; optionally starts from a local copy of torchvision's weights.
 
 
@@ -239,6 +312,13 @@ def resnet_quick(num_classes: int, in_channels: int = 3, width: float = 1.0, **_
 @IMAGE_MODELS.register("resnet-tiny")
 def resnet_tiny(num_classes: int, in_channels: int = 3, width: float = 1.0, **_) -> nn.Module:
     return QuickResNet(num_classes, in_channels, [max(1, int(c * width)) for c in (8, 16, 32, 64)])
+
+
+@IMAGE_MODELS.register("airbench")
+def airbench(num_classes: int, in_channels: int = 3, width: float = 1.0, **_) -> nn.Module:
+    if width <= 0:
+        raise ValueError(f"airbench width must be > 0, got {width}")
+    return AirbenchNet(num_classes, in_channels, [max(1, int(c * width)) for c in (64, 256, 256)])
 
 
 @IMAGE_MODELS.register("resnet50")
