@@ -2,9 +2,10 @@
 
 ``python -m benchmarks.perf`` or ``nftbench perf``:
 
-- victim training throughput (images/s): a fresh model of the task takes ``--train-steps`` SGD steps of the task's
-  recipe (batch size, optimiser, augmentation, label smoothing; the learning-rate schedule is left out, its cost is
-  nil) on the attacker's poisoned training set, timed after ``--warmup-steps`` untimed steps;
+- victim training throughput (images/s): a fresh model of the task takes ``--train-steps`` steps of the task's
+  recipe (batch size, optimiser and its parameter groups, schedule, lookahead where the recipe has it,
+  augmentation, label smoothing) on the attacker's poisoned training set, timed after ``--warmup-steps`` untimed
+  steps, with the torch thread count and precision stated;
 - the wall time of every registered defence (``purify``'s ``wall_time_s``, CUDA-synchronised) on a copy of the
   cached victim (``benchmarks.victims.get_victim``: trained once, then loaded) and the defender's clean split, with
   its default options, or with ``--quick`` step counts scaled by ``--quick-factor`` (stated in the output);
@@ -34,10 +35,11 @@ import torch
 
 from attacks import create_attack
 from benchmarks.records import device_name, params_label, versions
-from benchmarks.victims import get_victim
+from benchmarks.victims import get_victim, recipe_optimizer
 from defenses import DEFENSES, purify
 from defenses.base import check_finite
 from tasks import CleanBudget, Task, create_task
+from tasks.base import cpu_has_bf16
 
 # The option(s) that set how long each defence runs; --quick scales them. A defence not listed here gets its
 # integer fields with one of GENERIC_STEP_FIELDS' names scaled.
@@ -89,8 +91,7 @@ def training_throughput(task: Task, attack: Any, seed: int, steps: int, warmup: 
     bs = min(n, recipe["batch_size"])
     torch.manual_seed(seed)
     model = task.build_model().train()
-    opt = torch.optim.SGD(model.parameters(), lr=recipe["lr"], momentum=recipe["momentum"],
-                          nesterov=recipe["nesterov"], weight_decay=recipe["weight_decay"])
+    opt, sched = recipe_optimizer(model, recipe, n)
     g = torch.Generator().manual_seed(seed + 1)
     batches = task.epoch_batches(split, bs, g)
     images = 0
@@ -106,6 +107,7 @@ def training_throughput(task: Task, attack: Any, seed: int, steps: int, warmup: 
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        sched.step()
         return len(batch)
 
     for i in range(warmup):
@@ -117,7 +119,9 @@ def training_throughput(task: Task, attack: Any, seed: int, steps: int, warmup: 
     _sync(task.device)
     seconds = time.perf_counter() - start
     return {"images_per_s": images / seconds, "seconds": seconds, "steps": steps, "warmup_steps": warmup,
-            "batch_size": bs, "images": images, "train_samples": n}
+            "batch_size": bs, "images": images, "train_samples": n, "torch_threads": torch.get_num_threads(),
+            "precision": "bf16" if getattr(task, "amp", False) and (task.device.type == "cuda" or cpu_has_bf16())
+            else "fp32"}
 
 
 def _warm_up(model: torch.nn.Module, task: Task, clean: Any, seed: int) -> None:
@@ -199,7 +203,8 @@ def report(result: dict[str, Any]) -> str:
         f"clean split: {result['budget']} ({result['clean_samples']} samples); test data: not used",
         f"mode: {result['mode']}",
         f"victim training: {tr['images_per_s']:.1f} images/s ({tr['steps']} timed steps of batch {tr['batch_size']} "
-        f"after {tr['warmup_steps']} warm-up steps, {tr['seconds']:.2f} s)"
+        f"after {tr['warmup_steps']} warm-up steps, {tr['seconds']:.2f} s; {tr['torch_threads']} torch thread(s), "
+        f"{tr['precision']})"
         + ("" if not v.get("recorded_train_images_per_s") else
            f"; recorded when the victim was trained: {v['recorded_train_images_per_s']:.1f} images/s"),
         f"defence wall time: median of {result['repeats']} run(s) each, on a copy of the victim",
@@ -274,7 +279,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--task", default="image")
     p.add_argument("--dataset", default=None, help="default: the task's embedded dataset")
     p.add_argument("--model", default=None, help="default: the dataset's model for --scale")
-    p.add_argument("--scale", default="quick", choices=["quick", "paper"])
+    p.add_argument("--scale", default="quick", choices=["quick", "fast", "paper"])
     p.add_argument("--attack", default=None, help="the victim's attack, or 'none' (default: the task's, e.g. badnets)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--val-frac", type=float, default=0.01, help="clean data as a fraction of train (default 0.01)")

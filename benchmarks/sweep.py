@@ -54,7 +54,7 @@ SWEEP_KEYS = {
     "name": "a label for the table",
     "description": "free text printed above the table",
     "task": "one task name (default: image)", "tasks": "a list of task names",
-    "scale": "quick | paper (default: quick)",
+    "scale": "quick | fast | paper (default: quick)",
     "model": "one model name",
     "models": "a list of models: names, {name: ..., option: value} (e.g. a width), or null (the dataset's default)",
     "model_params": "{model: {option: value}}: model options (model_kwargs)",
@@ -353,7 +353,7 @@ class Plan:
         return [c for c in self.cells if c.status not in ("done", "reuse", "other")]
 
 
-ONLY_KEYS = ("task", "dataset", "model", "attack", "defense", "seed")
+ONLY_KEYS = ("task", "dataset", "model", "attack", "defense", "seed", "budget")
 
 
 def parse_only(items: Sequence[str]) -> dict[str, set[str]]:
@@ -376,6 +376,8 @@ def select_cells(plan: Plan, only: dict[str, set[str]]) -> int:
     the folder's CSV when their records exist). Returns how many were left out; a value that matches no cell of
     the grid is an error, since it is most likely a typo."""
     def names(c: Cell, key: str) -> set[str]:  # a model or defence matches by name or by its label with options
+        if key == "budget":  # 0.01 or 1/class
+            return {f"{c.cfg.per_class}/class" if c.cfg.per_class is not None else f"{c.cfg.val_frac:g}"}
         v = str(getattr(c.cfg, key) if getattr(c.cfg, key) is not None else "none")
         return {v, params_label(v, {"model": c.cfg.model_kwargs, "defense": c.cfg.defense_params}.get(key) or {})}
 

@@ -350,8 +350,13 @@ def test_only_runs_a_slice_and_the_slices_make_the_whole_grid(tmp_path, runs, ca
     assert [r["config"]["defense"] for r in records_of(labelled).values()] == ["nft"]
     with pytest.raises(ValueError, match="attack=blned matches no cell of t; its attack values are badnets"):
         run_sweep(load_sweep(grid), out, paths, log=lambda s: None, only=["attack=blned"])
-    with pytest.raises(ValueError, match="KEY one of task, dataset, model, attack, defense, seed"):
-        run_sweep(load_sweep(grid), out, paths, log=lambda s: None, only=["budget=0.01"])
+    with pytest.raises(ValueError, match="KEY one of task, dataset, model, attack, defense, seed, budget"):
+        run_sweep(load_sweep(grid), out, paths, log=lambda s: None, only=["clean=0.01"])
+    with pytest.raises(ValueError, match="budget=0.05 matches no cell of t; its budget values are 1/class"):
+        run_sweep(load_sweep(grid), out, paths, log=lambda s: None, only=["budget=0.05"])
+    by_budget = tmp_path / "by-budget"
+    run_sweep(load_sweep(grid), by_budget, paths, log=lambda s: None, only=["budget=1/class", "defense=none"])
+    assert [r["config"]["defense"] for r in records_of(by_budget).values()] == ["none"]
 
 
 def test_csv_is_rebuilt_from_records_only(tmp_path):
