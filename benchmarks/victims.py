@@ -255,6 +255,7 @@ def _train_victim(task: Task, attack: Attack | None, seed: int, config: dict[str
         "precision": "bf16" if getattr(task, "amp", False) and (task.device.type == "cuda" or cpu_has_bf16())
         else "fp32",
         "device": device_name(task.device), "versions": versions(),
+        "load_avg_at_end": [round(v, 2) for v in os.getloadavg()] if hasattr(os, "getloadavg") else None,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     info = attack.victim_info() if attack is not None else {}
