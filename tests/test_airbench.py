@@ -1,7 +1,9 @@
 """The fast scale: airbench's network (Jordan 2024) and recipe, and the defences on it (issue 20)."""
 
 import copy
+import json
 
+import pandas as pd
 import pytest
 import torch
 
@@ -162,3 +164,27 @@ def test_fast_scale_on_gtsrb_layout(tmp_path):
     model = train_model(task, train, short_recipe(task, batch_size=16), seed=0)
     # three colour classes, separable at a glance: 6/6 here (fp32 and bf16); one miss allowed, chance is 2/6
     assert task.evaluate(model, None)["clean_acc"] >= 5 / 6
+
+
+def test_victim_table_reads_victims_of_the_registered_recipe(tmp_path, capsys):
+    from benchmarks.victim_table import current_recipe, main
+
+    def victim(vid, attack, seed, recipe, scale="fast"):
+        d = tmp_path / "victims" / vid
+        d.mkdir(parents=True)
+        meta = {"victim_id": vid, "config": {"task": {"dataset": "cifar10", "scale": scale, "model": "airbench"},
+                                             "attack": attack, "seed": seed, "recipe": recipe},
+                "metrics": {"clean_acc": 0.93, "asr": None if attack is None else 0.99, "ra": None},
+                "train_time_s": 1800.0, "train_images_per_s": 480.0, "torch_threads": 2, "precision": "bf16"}
+        (d / "victim.json").write_text(json.dumps(meta))
+
+    recipe = current_recipe("cifar10", "fast")
+    victim("a1", None, 0, recipe)
+    victim("b2", {"name": "badnets"}, 1, recipe)
+    victim("c3", None, 1, {**recipe, "epochs": 1})  # a recipe experiment
+    victim("d4", None, 0, recipe, scale="quick")
+    main(["--runs-dir", str(tmp_path), "--out", str(tmp_path / "v.csv")])
+    table = pd.read_csv(tmp_path / "v.csv")
+    assert table["victim_id"].tolist() == ["a1", "b2"] and table["train_min"].tolist() == [30.0, 30.0]
+    main(["--runs-dir", str(tmp_path), "--all-recipes", "--out", str(tmp_path / "all.csv")])
+    assert sorted(pd.read_csv(tmp_path / "all.csv")["victim_id"]) == ["a1", "b2", "c3"]
