@@ -165,7 +165,7 @@ def ranking_html(table: pd.DataFrame, attacks: list[str], others: list[str], met
            f'<th class="num">ASR after</th><th class="num">ASR drop</th><th class="num">{escape(metric)} drop</th>'
            f'<th class="num">x NFT (median)</th>{paper_head}</tr></thead><tbody>']
     for i, r in table.iterrows():
-        spread = "-" if pd.isna(r["der_seed_min"]) else f"{_pct(r['der_seed_min'])}-{_pct(r['der_seed_max'])}"
+        spread = "-" if r["n_seeds"] < 2 else f"{_pct(r['der_seed_min'])}-{_pct(r['der_seed_max'])}"
         cells = [str(i + 1), r["defense"], _pct(r["der"]), _pct(r["der_seed_std"]), spread, str(r["n_seeds"]),
                  _pct(r["asr"]), _pct(r["asr_drop"]), _pct(r["clean_drop"]),
                  "-" if pd.isna(r["time_vs_nft"]) else f"{r['time_vs_nft']:.2g}"]
@@ -191,7 +191,7 @@ def heatmap_html(agg: pd.DataFrame, keys: dict[int, str], what: str, metric: str
     defences = sorted(cells["defense"].unique(), key=defence_order)
     title = "ASR after (%)" if what == "asr" else f"{metric} drop (points, before - after)"
     out = [f'<div><h3>{escape(title)}</h3><table class="heat"><thead><tr><th>attack \\ defence</th>']
-    out += [f'<th class="col">{escape(d)}</th>' for d in defences]
+    out += [f'<th class="col"><span>{escape(d).replace(",", ",<wbr>")}</span></th>' for d in defences]
     out.append("</tr></thead><tbody>")
     index = {(r.attack, r.defense): i for i, r in cells.iterrows()}
     for a in attacks:
@@ -274,8 +274,8 @@ def detail_html(key: str, r: pd.Series, runs: pd.DataFrame, records: dict[str, d
         body.append(f"<pre>{escape(json.dumps(resolved, indent=1, default=str))}</pre>")
     body.append(f"<h3>Runs</h3><div class='wide'><table><thead><tr><th>seed</th><th>status</th>"
                 f"<th>{escape(metric)} after</th><th>ASR after</th><th>RA after</th><th>DER</th><th>time (s)</th>"
-                "<th>x NFT (against)</th><th>device</th><th>versions</th><th>finished</th><th>record</th></tr></thead>"
-                "<tbody>")
+                "<th>x NFT (against)</th><th>victim training (s)</th><th>device</th><th>versions</th><th>finished</th>"
+                "<th>record</th></tr></thead><tbody>")
     commands = []
     for _, run in runs.sort_values(["seed", "run_id"]).iterrows():
         record = records[run["run_id"]]
@@ -283,7 +283,8 @@ def detail_html(key: str, r: pd.Series, runs: pd.DataFrame, records: dict[str, d
         link = Path(os.path.relpath(run["path"], out)).as_posix() if run["path"] else ""
         cells = [_td(_num(run["seed"]) or "-", cls=""), _td(run["status"], cls="" if run["status"] == "ok" else "bad")]
         cells += [_td(_pct(run[c], 2)) for c in ("clean_acc_after", "asr_after", "ra_after", "der")]
-        cells += [_td(_secs(run["defense_time_s"])), _td(ratio, cls=""), _td(str(run["device"] or "-"), cls=""),
+        cells += [_td(_secs(run["defense_time_s"])), _td(ratio, cls=""), _td(_secs(record.get("victim_train_time_s"))),
+                  _td(str(run["device"] or "-"), cls=""),
                   _td(_versions(record), cls=""), _td(str(record.get("finished") or "-"), cls="")]
         cells.append(f'<td><a href="{escape(link)}">{escape(run["run_id"])}.json</a></td>' if link else _td("-"))
         body.append(f"<tr>{''.join(cells)}</tr>")
@@ -334,8 +335,8 @@ def dataset_page(task: str, dataset: str, part: pd.DataFrame, agg: pd.DataFrame,
             f"<h1>{escape(task)} / {escape(dataset)}</h1>",
             f"<p class='meta'>Clean metric: <b>{escape(metric)}</b> ({METRIC_MEANING.get(metric, 'clean test data')})."
             f" {len(part)} runs, {n_failed} failed, {len(agg)} cells (model, scale, attack, defence, clean budget)."
-            " Numbers in % (BLEU in points), mean ± std over seeds; click any cell for its runs, records and the"
-            " commands that reproduce them.</p>",
+            f" Numbers in %{' (BLEU in points)' if metric == 'BLEU' else ''}, mean ± std over seeds; click any cell"
+            " for its runs, records and the commands that reproduce them.</p>",
             "<h2 id='rankings'>Rankings and heat maps</h2>"]
     for n, setting in enumerate(settings(agg)):
         sub = agg[(agg[SETTING].apply(tuple, axis=1) == setting)]

@@ -146,7 +146,7 @@ def test_site_in_headless_chromium(site, tmp_path):
     chromium = _chromium()
     if chromium is None:
         pytest.skip("no Chromium found: apt-get install -y chromium (.ci/run does), or set CHROMIUM=/path/to/it")
-    from playwright.sync_api import sync_playwright
+    from playwright.sync_api import expect, sync_playwright
 
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=chromium, headless=True)
@@ -155,10 +155,12 @@ def test_site_in_headless_chromium(site, tmp_path):
         page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
         page.on("pageerror", lambda e: errors.append(str(e)))
         page.goto((site / "index.html").as_uri())
-        page.click("text=cifar10")
+        page.click("a:text-is('cifar10')")
+        page.wait_for_load_state("load")
         assert page.url.endswith("image_cifar10.html")
         rows = page.locator("#cells tbody tr:visible")
-        assert rows.count() == 8 and page.inner_text("#count") == "8 of 8 cells"
+        expect(page.locator("#count")).to_have_text("8 of 8 cells")  # waits for the script; then synchronous
+        assert rows.count() == 8
 
         page.click("#cells thead th:text-is('ASR')")
         asr = [float(v) for v in rows.evaluate_all("rs => rs.map(r => r.cells[9].dataset.v)")]
@@ -167,19 +169,20 @@ def test_site_in_headless_chromium(site, tmp_path):
         assert [float(v) for v in rows.evaluate_all("rs => rs.map(r => r.cells[9].dataset.v)")] == sorted(asr)[::-1]
 
         page.select_option("select[data-filter=attack]", "blend")
-        assert rows.count() == 4 and page.inner_text("#count") == "4 of 8 cells"
+        expect(page.locator("#count")).to_have_text("4 of 8 cells")
+        assert rows.count() == 4
         page.fill("#search", "anp")
-        assert rows.count() == 1
+        expect(rows).to_have_count(1)
 
         rows.first.click()
         dialog = page.locator("dialog#detail")
-        assert dialog.is_visible()
+        expect(dialog).to_be_visible()
         text = dialog.inner_text()
         assert "blend / anp" in text and "NonFiniteLossError" in text and "nftbench run --task image" in text
         assert "error" in text and "2 seed(s) finished (0 1), 1 failed" in text
         page.screenshot(path=str(tmp_path / "cell-detail.png"))
         page.click("dialog#detail button.close")
-        assert not dialog.is_visible()
+        expect(dialog).to_be_hidden()
         browser.close()
     assert errors == []
     assert (tmp_path / "cell-detail.png").stat().st_size > 10_000
