@@ -140,9 +140,9 @@ def _nft_references(df: pd.DataFrame) -> pd.Series:
 
     Options that two or more defences set on that victim are the grid's *family* options (a quick grid's
     ``batch_size``, ``steps``). A run is compared with an NFT run whose options are all family options and agree
-    with its own (the most shared first, then the fewest: default NFT); an NFT variant never with itself while
-    such a run exists. Otherwise an NFT run with itself, and any other run with the NFT run of fewest options, so
-    the ratio is never empty where NFT ran. ``none`` (no defence) gets no reference."""
+    with its own (the most shared first, then the fewest: default NFT); an NFT variant with another NFT run whose
+    options it all has (``nft[mixup=False]`` with ``nft``). Otherwise an NFT run with itself, and any other run with
+    the NFT run of fewest options, so the ratio is never empty where NFT ran. ``none`` gets no reference."""
     params = df["defense_params"].map(json.loads)
     is_nft = df["defense_name"] == "nft"
     ok_nft = is_nft & (df["status"] == "ok") & df["defense_time_s"].notna()
@@ -164,8 +164,8 @@ def _nft_references(df: pd.DataFrame) -> pd.Series:
 
 def _reference(label: str, is_nft: bool, options: dict[str, Any], nft: dict[str, dict[str, Any]],
                family: set[str]) -> str:
-    def agrees(p: dict[str, Any]) -> bool:
-        return set(p) <= family and all(options.get(k, v) == v for k, v in p.items())
+    def agrees(p: dict[str, Any]) -> bool:  # a baseline may lack a family option NFT has (ANP has no steps)
+        return set(p) <= family and all(options.get(k, v) == v and (k in options or not is_nft) for k, v in p.items())
 
     matches = [n for n, p in nft.items() if n != label and agrees(p)]
     if matches:

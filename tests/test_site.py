@@ -86,6 +86,22 @@ def test_x_nft_compares_with_the_same_options_family_and_takes_medians(results):
     assert anp["failed"] == 1 and anp["n_seeds"] == 2 and "NonFiniteLossError" in anp["errors"]
 
 
+def test_nft_reference_prefers_the_grids_options_then_defaults():
+    from benchmarks.leaderboard import _reference
+
+    nft = {"nft": {}, "nft[batch_size=32,steps=300]": {"batch_size": 32, "steps": 300}, "nft[mixup=False]":
+           {"mixup": False}}
+    family = {"batch_size", "steps"}
+    quick = "nft[batch_size=32,steps=300]"
+    assert _reference("ft[batch_size=32,steps=300]", False, {"batch_size": 32, "steps": 300}, nft, family) == quick
+    assert _reference("anp[batch_size=32]", False, {"batch_size": 32, "iterations": 2}, nft, family) == quick
+    assert _reference("clp", False, {}, nft, family) == "nft"
+    assert _reference("nft", True, {}, nft, family) == "nft"  # the paper default against itself
+    assert _reference("nft[mixup=False]", True, {"mixup": False}, nft, family) == "nft"
+    assert _reference(quick, True, {"batch_size": 32, "steps": 300}, nft, family) == "nft"
+    assert _reference("ft[steps=9]", False, {"steps": 9}, {quick: nft[quick]}, family) == quick  # the only NFT
+
+
 def test_reproduce_command_gives_the_records_run_id(digits_task):
     from attacks import create_attack
     from benchmarks.cli import attack_params, build_parser, parse_params
