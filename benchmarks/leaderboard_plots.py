@@ -21,8 +21,9 @@ import numpy as np
 import pandas as pd
 
 PLOTS = ("asr_vs_acc", "runtime", "nft_budget")
-MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*", "<", ">", "h", "p", "d", "H", "8"]
-# distinct on white and from each other; grey is kept for 'none' (the victim), black for NFT
+MARKERS = ["o", "s", "^", "D", "v", "P", "*", "<", ">"]  # shapes that stay apart at 6 pt
+NONE_STYLE = ("#7f7f7f", "X")  # no defence (the victim): a marker no defence uses
+# distinct on white and from each other; black is NFT's
 PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#bcbd22", "#17becf",
            "#000080", "#e6ab02", "#66a61e", "#a6761d", "#7570b3"]
 AXIS = {"C-ACC": "clean accuracy (%)", "mAP@0.5": "clean mAP@0.5 (%)", "BLEU": "clean BLEU"}
@@ -40,19 +41,24 @@ def defence_order(label: str) -> tuple[int, str, bool, str]:
 
 
 def defence_styles(labels: Iterable[str]) -> dict[str, Style]:
-    """One (colour, marker) pair per defence label: the colour names the registered defence (grey: none, black:
-    NFT), the marker its variant. Pairs are distinct for up to len(PALETTE) baselines of up to len(MARKERS)
-    variants each."""
+    """One (colour, marker) pair per defence label: the colour names the registered defence (black: NFT), the
+    marker its variant; past len(MARKERS) variants the colour turns lighter. Pairs are distinct for up to
+    len(PALETTE) baselines."""
+    from matplotlib.colors import to_hex, to_rgb
+
     ordered = sorted(set(labels), key=defence_order)
-    bases = list(dict.fromkeys(_base(label) for label in ordered))
-    baselines = [b for b in bases if b not in ("none", "nft")]
+    baselines = list(dict.fromkeys(_base(label) for label in ordered if _base(label) not in ("none", "nft")))
     styles: dict[str, Style] = {}
-    for base in bases:
-        variants = [label for label in ordered if _base(label) == base]
-        i = baselines.index(base) if base in baselines else 0
-        colour = {"none": "#7f7f7f", "nft": "#000000"}.get(base, PALETTE[i % len(PALETTE)])
-        for j, label in enumerate(variants):
-            styles[label] = (colour, MARKERS[(j + i // len(PALETTE)) % len(MARKERS)])
+    for base in dict.fromkeys(_base(label) for label in ordered):
+        colour = "#000000" if base == "nft" else PALETTE[baselines.index(base) % len(PALETTE)] if base != "none" \
+            else NONE_STYLE[0]
+        for j, label in enumerate(label for label in ordered if _base(label) == base):
+            if base == "none":
+                styles[label] = NONE_STYLE
+                continue
+            lighter = min(0.8, 0.45 * (j // len(MARKERS)))
+            shade = to_hex([c + (1 - c) * lighter for c in to_rgb(colour)])
+            styles[label] = (shade, MARKERS[j % len(MARKERS)])
     return styles
 
 

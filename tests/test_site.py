@@ -202,3 +202,12 @@ def test_site_in_headless_chromium(site, tmp_path):
         browser.close()
     assert errors == []
     assert (tmp_path / "cell-detail.png").stat().st_size > 10_000
+
+
+def test_every_defence_gets_its_own_colour_and_marker():
+    from benchmarks.leaderboard_plots import defence_styles
+
+    labels = ["none", "nft", *(f"nft[eta={i}]" for i in range(14)), "ft", "ft[steps=3]", "anp", "clp", "nad[lr=1]"]
+    styles = defence_styles(labels)
+    assert len(set(styles.values())) == len(labels)
+    assert styles["nft"][0] == styles["nft[eta=0]"][0] == "#000000" and styles["ft"][0] == styles["ft[steps=3]"][0]
