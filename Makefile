@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test bench bench-all bench-gpu nft-study lint clean
+.PHONY: install test bench bench-all bench-gpu nft-study leaderboard lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -44,6 +44,12 @@ nft-study: $(STAMP)
 	$(VENV)/bin/nftbench perf --variants nft-ablations --dataset cifar10 --data-root "$(DATA_ROOT)" \
 		--json results/ablations/perf.json
 	$(PY) -m benchmarks.study results/ablations
+
+# Every committed record -> results/LEADERBOARD.md, results/<task>/<dataset>.csv, results/plots/ and the static site
+# results/site/ (open results/site/index.html).
+leaderboard: $(STAMP)
+	$(VENV)/bin/nftbench leaderboard results --out results
+	$(VENV)/bin/nftbench leaderboard results --html --out results/site
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

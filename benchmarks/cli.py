@@ -236,7 +236,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     from benchmarks import leaderboard, perf
 
-    p = sub.add_parser("leaderboard", help="aggregate run records into per-dataset CSVs, LEADERBOARD.md and plots",
+    p = sub.add_parser("leaderboard", help="aggregate run records into per-dataset CSVs, LEADERBOARD.md and plots, or "
+                       "a static site (--html)",
                        description=leaderboard.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     leaderboard.add_arguments(p)
     p.set_defaults(fn=cmd_leaderboard)

@@ -5,11 +5,14 @@ records folder) and writes:
 
 - ``<out>/<task>/<dataset>.csv``: one row per (model, scale, attack, defence, clean budget), means and sample
   standard deviations over seeds of the metrics after the defence, the victim's metrics before it (mean), the
-  defence's wall time and its ratio to NFT's on the same victim, budget and seed (``time_vs_nft``), and the number
-  of failed runs (status other than ``ok``) of that cell;
+  defence's wall time and its ratio to NFT's on the same victim, budget and seed (``time_vs_nft``; its median in
+  ``time_vs_nft_median``, against the NFT run named in ``nft_reference``), and the number of failed runs (status
+  other than ``ok``) of that cell;
 - ``<out>/LEADERBOARD.md``: one markdown table per task/dataset (accuracies in %), with the command that
   regenerates it at the top; failed runs are counted in their row and listed under the table, never dropped;
-- ``<out>/plots/<task>_<dataset>_{asr_vs_acc,runtime,nft_budget}.png`` (matplotlib, Agg canvas).
+- ``<out>/plots/<task>_<dataset>_{asr_vs_acc,runtime,nft_budget}.png`` (``benchmarks.leaderboard_plots``).
+
+``--html`` writes the static site instead (``benchmarks.site``; default ``--out results/site``).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import numpy as np
 import pandas as pd
 
 from benchmarks.checkpoint import atomic_write_text
+from benchmarks.leaderboard_plots import defence_order, defence_styles, write_plots
 from benchmarks.records import params_label, record_row
 
 GROUP_KEYS = ["task", "dataset", "model", "scale", "attack", "defense", "budget"]
@@ -37,9 +41,16 @@ VICTIM_KEYS = ["task", "dataset", "model", "scale", "attack", "budget", "seed"]
 BEFORE = ["clean_acc_before", "asr_before", "ra_before"]
 LEADERBOARD_COLUMNS = (
     GROUP_KEYS + ["clean_samples", "n_seeds", "seeds", "failed"] + BEFORE
-    + [f"{p}_{s}" for _, p in METRICS for s in ("mean", "std")] + ["defense_name", "errors"]
+    + [f"{p}_{s}" for _, p in METRICS for s in ("mean", "std")]
+    + ["time_vs_nft_median", "nft_reference", "defense_name", "errors"]
 )
-PLOTS = ("asr_vs_acc", "runtime", "nft_budget")
+# What ``clean_acc`` measures per task (the records keep every task's clean metric as a fraction in [0, 1]).
+CLEAN_METRIC = {"image": "C-ACC", "pointcloud": "C-ACC", "detection": "mAP@0.5", "translation": "BLEU"}
+
+
+def clean_metric(task: str) -> str:
+    """The name of a task's clean metric: accuracy (C-ACC), mAP@0.5 or BLEU."""
+    return CLEAN_METRIC.get(task, "clean metric")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -99,6 +110,7 @@ def records_frame(records: Sequence[dict[str, Any]]) -> tuple[pd.DataFrame, list
         attack_cfg = {k: v for k, v in (cfg.get("attack") or {}).items() if k not in ("name", "seed")}
         row["attack_config"] = json.dumps(attack_cfg, sort_keys=True, default=str)
         row["defense_name"] = row["defense"]
+        row["defense_params"] = json.dumps(cfg.get("defense_params") or {}, sort_keys=True, default=str)
         row["defense"] = params_label(row["defense"], cfg.get("defense_params") or {})
         samples = r.get("clean_samples", (r.get("defense_info") or {}).get("clean_samples"))
         row["clean_samples"] = samples
@@ -112,13 +124,55 @@ def records_frame(records: Sequence[dict[str, Any]]) -> tuple[pd.DataFrame, list
         df[col] = pd.to_numeric(df[col], errors="coerce")
     df["budget"] = df["budget"].astype(str)
     df["attack"] = _attack_labels(df)
-    # each run's defence time over NFT's (paper defaults) on the same victim, clean budget and seed: a ratio
-    # measured side by side, where absolute CPU times mean little
-    nft = df[(df["defense"] == "nft") & (df["status"] == "ok")].groupby(VICTIM_KEYS, dropna=False)
-    nft_time = nft["defense_time_s"].mean().rename("nft_time_s")
-    df = df.join(nft_time, on=VICTIM_KEYS)
+    # each run's defence time over NFT's on the same victim, clean budget and seed: a ratio measured side by side,
+    # where absolute CPU times mean little
+    df["nft_reference"] = _nft_references(df)
+    nft = df[(df["defense_name"] == "nft") & (df["status"] == "ok")]
+    nft_time = nft.groupby(VICTIM_KEYS + ["defense"], dropna=False)["defense_time_s"].mean()
+    nft_time.index = nft_time.index.set_names("nft_reference", level="defense")
+    df = df.join(nft_time.rename("nft_time_s"), on=VICTIM_KEYS + ["nft_reference"])
     df["time_vs_nft"] = df["defense_time_s"] / df["nft_time_s"]
     return df.drop(columns="nft_time_s"), notes
+
+
+def _nft_references(df: pd.DataFrame) -> pd.Series:
+    """Per run, the label of the NFT run its time is compared with, on the same victim, budget and seed.
+
+    Options that two or more defences set on that victim are the grid's *family* options (a quick grid's
+    ``batch_size``, ``steps``). A run is compared with an NFT run whose options are all family options and agree
+    with its own (the most shared first, then the fewest: default NFT); an NFT variant with another NFT run whose
+    options it all has (``nft[mixup=False]`` with ``nft``). Otherwise an NFT run with itself, and any other run with
+    the NFT run of fewest options, so the ratio is never empty where NFT ran. ``none`` gets no reference."""
+    params = df["defense_params"].map(json.loads)
+    is_nft = df["defense_name"] == "nft"
+    ok_nft = is_nft & (df["status"] == "ok") & df["defense_time_s"].notna()
+    refs = pd.Series(None, index=df.index, dtype=object)
+    for _, g in df.groupby(VICTIM_KEYS, dropna=False, sort=False):
+        nft = {df.at[i, "defense"]: params[i] for i in g.index if ok_nft[i]}
+        if not nft:
+            continue
+        setters: dict[str, set[str]] = {}
+        for i in g.index:
+            for key in params[i]:
+                setters.setdefault(key, set()).add(df.at[i, "defense_name"])
+        family = {k for k, names in setters.items() if len(names) >= 2}
+        for i in g.index:
+            if df.at[i, "defense_name"] != "none":
+                refs[i] = _reference(df.at[i, "defense"], bool(is_nft[i]), params[i], nft, family)
+    return refs
+
+
+def _reference(label: str, is_nft: bool, options: dict[str, Any], nft: dict[str, dict[str, Any]],
+               family: set[str]) -> str:
+    def agrees(p: dict[str, Any]) -> bool:  # a baseline may lack a family option NFT has (ANP has no steps)
+        return set(p) <= family and all(options.get(k, v) == v and (k in options or not is_nft) for k, v in p.items())
+
+    matches = [n for n, p in nft.items() if n != label and agrees(p)]
+    if matches:
+        return min(matches, key=lambda n: (-sum(k in options for k in nft[n]), len(nft[n]), n))
+    if is_nft and label in nft:
+        return label
+    return min(nft, key=lambda n: (len(nft[n]), n))
 
 
 def _attack_labels(df: pd.DataFrame) -> pd.Series:
@@ -145,13 +199,10 @@ def _std(values: pd.Series) -> float:
     return float(v.std(ddof=1)) if len(v) >= 2 else float("nan")
 
 
-def _defense_order(name: str) -> tuple[int, str]:
-    return ({"none": 0, "nft": 1}.get(name, 2), name)
-
-
 def aggregate(df: pd.DataFrame) -> pd.DataFrame:
     """One row per (task, dataset, model, scale, attack, defence, budget): means/stds over the ``ok`` seeds, the
-    victim's before-metrics (mean over every run of the cell) and the count of failed runs."""
+    median time ratio to NFT, the victim's before-metrics (mean over every run of the cell) and the count of
+    failed runs."""
     if df.empty:
         return pd.DataFrame(columns=LEADERBOARD_COLUMNS)
     out = []
@@ -169,13 +220,16 @@ def aggregate(df: pd.DataFrame) -> pd.DataFrame:
         for col, prefix in METRICS:
             row[f"{prefix}_mean"] = ok[col].mean() if len(ok) else np.nan
             row[f"{prefix}_std"] = _std(ok[col])
+        # a run slowed by other work on a shared machine moves a mean, not a median
+        row["time_vs_nft_median"] = ok["time_vs_nft"].median() if len(ok) else np.nan
+        row["nft_reference"] = " ".join(sorted(set(ok["nft_reference"].dropna())))
         row["defense_name"] = g["defense_name"].iloc[0]
         errors = [str(e) for e in bad["error"].dropna().unique() if str(e)]
         row["errors"] = " | ".join(e[:200] for e in errors) or ("" if bad.empty else "(no error message)")
         out.append(row)
     agg = pd.DataFrame(out, columns=LEADERBOARD_COLUMNS)
     order = agg.assign(
-        _d=agg["defense"].map(lambda d: _defense_order(str(d))),
+        _d=agg["defense"].map(lambda d: defence_order(str(d))),
         _n=-agg["clean_samples"].fillna(-1),
         _a=agg["attack"].map(lambda a: (a == "none", a)),
     ).sort_values(["task", "dataset", "model", "scale", "_a", "_n", "budget", "_d"])
@@ -204,9 +258,10 @@ def _secs(mean: float, std: float) -> str:
 
 def markdown_section(task: str, dataset: str, agg: pd.DataFrame, failed: pd.DataFrame,
                      plots: dict[str, str]) -> str:
+    metric = clean_metric(task)
     lines = [f"## {task} / {dataset}", ""]
-    head = ("| model | scale | attack | clean data | defence | seeds | C-ACC before | ASR before | C-ACC | ASR | RA "
-            "| DER | time (s) | x NFT | failed |")
+    head = (f"| model | scale | attack | clean data | defence | seeds | {metric} before | ASR before | {metric} | ASR "
+            "| RA | DER | time (s) | x NFT (median) | failed |")
     lines += [head, "|" + "---|" * 15]
     for _, r in agg.iterrows():
         clean = r["budget"] + ("" if pd.isna(r["clean_samples"]) else f" ({int(r['clean_samples'])})")
@@ -217,7 +272,7 @@ def markdown_section(task: str, dataset: str, agg: pd.DataFrame, failed: pd.Data
         else:
             metrics = [_pct(r[f"{m}_mean"], r[f"{m}_std"]) for m in ("clean_acc", "asr", "ra", "der")]
             metrics.append(_secs(r["defense_time_s_mean"], r["defense_time_s_std"]))
-            ratio = r["time_vs_nft_mean"]
+            ratio = r["time_vs_nft_median"]
             metrics.append("-" if pd.isna(ratio) or r["defense_name"] == "none" else f"{ratio:.2f}")
         before = [_pct(r["clean_acc_before"], np.nan), _pct(r["asr_before"], np.nan)]
         cells = [r["model"] or "-", r["scale"] or "-", r["attack"], clean, r["defense"], str(r["n_seeds"])]
@@ -236,121 +291,6 @@ def markdown_section(task: str, dataset: str, agg: pd.DataFrame, failed: pd.Data
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Plots (the object-oriented API on an Agg canvas: no pyplot, no global backend state).
-
-
-def _figure(width: float = 6.4, height: float = 4.8):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, height), dpi=110)
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def _save(fig, path: Path, rect: tuple[float, float, float, float] = (0, 0, 1, 1)) -> None:
-    """Lay the panels out inside ``rect`` (figure fractions; room left outside it for a figure legend), write."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout(rect=rect)
-    fig.savefig(path, format="png")
-
-
-def _empty(ax, text: str) -> None:
-    ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes)
-    ax.set_xticks([])
-    ax.set_yticks([])
-
-
-MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*", "<", ">", "h", "p"]
-
-
-def plot_asr_vs_acc(agg: pd.DataFrame, title: str, path: Path) -> None:
-    """ASR against clean accuracy after each defence: one marker per defence, one colour per attack; a point per
-    (attack, defence, clean budget), mean ± std over seeds."""
-    from matplotlib.lines import Line2D
-
-    fig = _figure()
-    ax = fig.add_subplot()
-    pts = agg[(agg["n_seeds"] > 0) & agg["asr_mean"].notna() & agg["clean_acc_mean"].notna()]
-    if pts.empty:
-        _empty(ax, "no successful runs of a backdoored victim")
-    else:
-        defenses = sorted(pts["defense"].unique(), key=_defense_order)
-        attacks = sorted(pts["attack"].unique())
-        colours = {a: f"C{i % 10}" for i, a in enumerate(attacks)}
-        markers = {d: MARKERS[i % len(MARKERS)] for i, d in enumerate(defenses)}
-        for _, r in pts.iterrows():
-            ax.errorbar(100 * r["clean_acc_mean"], 100 * r["asr_mean"],
-                        xerr=None if pd.isna(r["clean_acc_std"]) else 100 * r["clean_acc_std"],
-                        yerr=None if pd.isna(r["asr_std"]) else 100 * r["asr_std"],
-                        fmt=markers[r["defense"]], color=colours[r["attack"]], markersize=7, alpha=0.85, capsize=2)
-        handles = [Line2D([], [], ls="", marker=markers[d], color="0.3", label=d) for d in defenses]
-        handles += [Line2D([], [], ls="", marker="s", color=colours[a], label=f"attack: {a}") for a in attacks]
-        ax.legend(handles=handles, fontsize=7, loc="best")
-        ax.set_ylim(-3, 103)
-    ax.set_xlabel("clean accuracy after the defence (%)")
-    ax.set_ylabel("attack success rate after the defence (%)")
-    ax.set_title(f"{title}: ASR vs clean accuracy (mean ± std over seeds)", fontsize=9)
-    _save(fig, path)
-
-
-def plot_runtime(df: pd.DataFrame, title: str, path: Path) -> None:
-    """Defence wall time per defence (mean ± std over every successful run: attacks, budgets, seeds);
-    log scale when the means span a decade or more. The no-op ``none`` is left out."""
-    fig = _figure()
-    ax = fig.add_subplot()
-    ok = df[(df["status"] == "ok") & df["defense_time_s"].notna() & (df["defense_name"] != "none")]
-    if ok.empty:
-        _empty(ax, "no timed defence runs")
-    else:
-        stats = ok.groupby("defense")["defense_time_s"].agg(["mean", "std", "count"])
-        stats = stats.loc[sorted(stats.index, key=_defense_order)]
-        x = np.arange(len(stats))
-        ax.bar(x, stats["mean"], yerr=stats["std"].fillna(0), capsize=3, color=[f"C{i % 10}" for i in x])
-        ax.set_xticks(x, [f"{d}\n(n={int(n)})" for d, n in zip(stats.index, stats["count"], strict=True)],
-                      fontsize=7, rotation=30 if len(stats) > 5 else 0)
-        positive = stats["mean"][stats["mean"] > 0]
-        if len(positive) and positive.max() / positive.min() >= 10:
-            ax.set_yscale("log")
-        device = ok["device"].dropna().unique()
-        if len(device) == 1:
-            ax.set_xlabel(f"device: {device[0]}", fontsize=7)
-    ax.set_ylabel("defence wall time (s)")
-    ax.set_title(f"{title}: defence wall time (mean ± std over attacks, budgets, seeds)", fontsize=9)
-    _save(fig, path)
-
-
-def plot_nft_budget(agg: pd.DataFrame, title: str, path: Path) -> None:
-    """NFT's ASR against its clean-data budget, one line per attack (and NFT variant/model when there are
-    several); budgets sit on one axis by their number of clean samples (per-class and fractional alike)."""
-    fig = _figure()
-    ax = fig.add_subplot()
-    nft = agg[(agg["defense_name"] == "nft") & (agg["n_seeds"] > 0) & agg["asr_mean"].notna()
-              & agg["clean_samples"].notna()]
-    if nft.empty:
-        _empty(ax, "no successful NFT runs on a backdoored victim")
-    else:
-        many = {k: nft[k].nunique() > 1 for k in ("defense", "model", "scale")}
-        for key, g in nft.groupby(["attack", "defense", "model", "scale"], sort=True):
-            g = g.sort_values("clean_samples")
-            label = " ".join(str(v) for v, k in zip(key, ["attack", "defense", "model", "scale"], strict=True)
-                             if k == "attack" or many[k])
-            ax.errorbar(g["clean_samples"], 100 * g["asr_mean"], yerr=100 * g["asr_std"].fillna(0), marker="o",
-                        capsize=3, label=label)
-        ticks = nft.groupby("clean_samples")["budget"].agg(lambda b: " / ".join(sorted(set(b))))
-        if ticks.index.max() / max(ticks.index.min(), 1) >= 10:
-            ax.set_xscale("log")
-        ax.set_xticks(list(ticks.index), [f"{int(n)}\n{b}" for n, b in ticks.items()], fontsize=7)
-        ax.minorticks_off()
-        ax.set_ylim(-3, 103)
-        ax.legend(fontsize=7)
-    ax.set_xlabel("clean samples given to NFT (budget)")
-    ax.set_ylabel("attack success rate after NFT (%)")
-    ax.set_title(f"{title}: NFT's ASR vs clean-data budget (mean ± std)", fontsize=9)
-    _save(fig, path)
-
-
-# --------------------------------------------------------------------------------------------------------------
 # The command.
 
 
@@ -358,14 +298,18 @@ def _safe(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in str(name))
 
 
+def load_frame(roots: Sequence[str | Path]) -> tuple[pd.DataFrame, list[str]]:
+    """Every record under ``roots`` as one row each (``records_frame``), and a note per file skipped."""
+    records, notes = load_records(find_records(roots))
+    df, bad = records_frame(records)
+    return df, notes + bad
+
+
 def build_leaderboard(roots: Sequence[str | Path], out: str | Path, command: str | None = None,
                       plots: bool = True) -> dict[str, Any]:
     """Aggregate every record under ``roots`` into ``out``; returns what was written and what was skipped."""
     out = Path(out)
-    paths = find_records(roots)
-    records, notes = load_records(paths)
-    df, bad = records_frame(records)
-    notes += bad
+    df, notes = load_frame(roots)
     command = command or "nftbench leaderboard " + " ".join(shlex.quote(str(r)) for r in roots) + \
         f" --out {shlex.quote(str(out))}"
     n_failed = 0 if df.empty else int((df["status"] != "ok").sum())
@@ -373,16 +317,19 @@ def build_leaderboard(roots: Sequence[str | Path], out: str | Path, command: str
         "# Leaderboard", "",
         f"Regenerate with: `{command}`", "",
         f"{len(df)} run records ({n_failed} failed) from {', '.join(f'`{r}`' for r in roots)}. One row per model, "
-        "scale, attack, defence and clean budget (with its number of clean samples); accuracies in %, mean ± "
-        "sample std over the seeds that finished (the mean alone for one seed); *before* is the victim before "
-        "any defence; time is the defence's wall time in seconds, and *x NFT* the mean of its ratios to NFT's (paper "
-        "defaults) on the same victim, clean budget and seed. A failed run (status not `ok`) is counted in "
-        "its row's *failed* column and listed under its table; a row whose every run failed reads **FAILED**.",
+        "scale, attack, defence and clean budget (with its number of clean samples); the clean metric (accuracy, "
+        "mAP@0.5 or BLEU, named per task), ASR, RA and DER in %, mean ± sample std over the seeds that finished (the "
+        "mean alone for one seed); *before* is the victim before any defence; time is the defence's wall time in "
+        "seconds, and *x NFT* the median of its ratios to NFT's on the same victim, clean budget and seed (NFT with "
+        "the options the grid gives every defence, else the paper's defaults). A failed run (status not `ok`) is "
+        "counted in its row's *failed* column and listed under its table; a row whose every run failed reads "
+        "**FAILED**. A browsable version: `nftbench leaderboard RESULTS_DIR --html` (`results/site/index.html`).",
         "",
     ]
     written: dict[str, Any] = {"csv": [], "plots": [], "records": len(df), "failed": n_failed, "notes": notes}
     if df.empty:
         md.append("(no run records found)\n")
+    styles = {} if df.empty else defence_styles(df["defense"])
     for (task, dataset), part in ([] if df.empty else df.groupby(["task", "dataset"], sort=True)):
         agg = aggregate(part)
         csv_path = out / _safe(task) / f"{_safe(dataset)}.csv"
@@ -391,12 +338,8 @@ def build_leaderboard(roots: Sequence[str | Path], out: str | Path, command: str
         written["csv"].append(csv_path)
         plot_links: dict[str, str] = {}
         if plots:
-            title = f"{task}/{dataset}"
-            stem = f"{_safe(task)}_{_safe(dataset)}"
-            targets = {name: out / "plots" / f"{stem}_{name}.png" for name in PLOTS}
-            plot_asr_vs_acc(agg, title, targets["asr_vs_acc"])
-            plot_runtime(part, title, targets["runtime"])
-            plot_nft_budget(agg, title, targets["nft_budget"])
+            targets = write_plots(part, agg, f"{task}/{dataset}", clean_metric(task),
+                                  out / "plots" / f"{_safe(task)}_{_safe(dataset)}", styles)
             written["plots"] += list(targets.values())
             plot_links = {name: f"plots/{p.name}" for name, p in targets.items()}
         failed = part[part["status"] != "ok"].sort_values(["attack", "defense", "budget", "seed"])
@@ -412,18 +355,30 @@ def build_leaderboard(roots: Sequence[str | Path], out: str | Path, command: str
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("results", nargs="+", metavar="RESULTS_DIR",
                    help="folder(s) searched for **/records/*.json, or a records folder")
-    p.add_argument("--out", default="results", help="where <task>/<dataset>.csv, LEADERBOARD.md and plots/ go")
+    p.add_argument("--out", default=None, help="where <task>/<dataset>.csv, LEADERBOARD.md and plots/ go (default "
+                   "results), or with --html the site (default results/site)")
     p.add_argument("--no-plots", action="store_true", help="write the CSVs and the markdown only")
+    p.add_argument("--html", action="store_true", help="write a self-contained static site (index.html, one page "
+                   "per task and dataset, plots) instead of the CSVs and the markdown")
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    if args.html and args.no_plots:
+        raise SystemExit("nftbench leaderboard: --no-plots applies to the markdown; drop it with --html")
+    out = args.out or ("results/site" if args.html else "results")
     command = "nftbench leaderboard " + " ".join(shlex.quote(str(r)) for r in args.results) + \
-        f" --out {shlex.quote(str(args.out))}" + (" --no-plots" if args.no_plots else "")
-    written = build_leaderboard(args.results, args.out, command=command, plots=not args.no_plots)
+        (" --html" if args.html else "") + f" --out {shlex.quote(str(out))}" + (" --no-plots" if args.no_plots else "")
+    if args.html:
+        from benchmarks.site import build_site
+
+        written = build_site(args.results, out, command=command)
+    else:
+        written = build_leaderboard(args.results, out, command=command, plots=not args.no_plots)
     for note in written["notes"]:
         print(f"skipped: {note}", file=sys.stderr)
-    print(f"{written['records']} records ({written['failed']} failed) -> {written['markdown']}")
-    for p in written["csv"] + written["plots"]:
+    main_file = written["index"] if args.html else written["markdown"]
+    print(f"{written['records']} records ({written['failed']} failed) -> {main_file}")
+    for p in written.get("pages", []) + written.get("csv", []) + written["plots"]:
         print(f"  {p}")
     return written
 
@@ -437,4 +392,3 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
-
