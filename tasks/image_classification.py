@@ -62,6 +62,7 @@ FAST_RECIPE: dict[str, Any] = dict(
     weight_decay=0.0153 / _AIRBENCH_KILOSTEP, decoupled_weight_decay=True, schedule="triangle",
     warmup_fraction=0.23, start_factor=0.2, end_factor=0.07, label_smoothing=0.2, norm_bias_lr_scale=64.0,
     early_param_epochs=3, lookahead=True, crop_padding=2, pad_mode="reflect", channels_last=True,
+    whitening_images=5000,
 )
 
 # Victim training recipes. quick: one-cycle SGD, tuned for minutes on a CPU; paper: BackdoorBench's
@@ -150,10 +151,18 @@ class ImageClassificationTask(TensorBatches, Task):
             num_classes=self.num_classes, in_channels=self.data.shape[0], **self.model_kwargs
         )
         model = ImageClassifier(net, self.data.mean, self.data.std).to(self.device)
-        if hasattr(net, "init_from_data"):  # airbench's whitening layer, from the attacker's first 5,000 images
-            x = to_float(self.data.train.x[self.attacker_idx[:5000].to(self.data.train.x.device)].to(self.device))
+        if hasattr(net, "init_from_data"):  # airbench's whitening layer, from the attacker's images
+            x = self.whitening_sample(self.recipe().get("whitening_images", 5000))
             net.init_from_data((x - model.mean) / model.std)
         return model.to(memory_format=torch.channels_last) if self.channels_last else model
+
+    def whitening_sample(self, n: int = 5000) -> Tensor:
+        """``n`` of the attacker's training images, evenly spaced over its split: airbench whitens with the first
+        5,000 of CIFAR-10's (shuffled) training batches, but image folders are stored class by class, where the
+        first 5,000 would all be airplanes."""
+        pick = torch.linspace(0, len(self.attacker_idx) - 1, min(n, len(self.attacker_idx))).round().long()
+        idx = self.attacker_idx[pick].to(self.data.train.x.device)
+        return to_float(self.data.train.x[idx].to(self.device))
 
     def split_sizes(self, split: ImageSet) -> int:
         return len(split)
