@@ -175,7 +175,13 @@ def cmd_bench(args: argparse.Namespace) -> None:
     from benchmarks.bench import run_preset
 
     grid = grid_with_seed(args.preset, args.seed)
-    run_preset(grid, Path(args.out or Path("runs") / "bench" / grid["name"]), paths_of(args))
+    out = Path(args.out or Path("runs") / "bench" / grid["name"])
+    run_preset(grid, out, paths_of(args))
+    if args.compare:
+        from benchmarks.compare import compare
+
+        table, flagged = compare(out, args.compare, args.tolerance)
+        print(f"\n{out} (new) beside {args.compare} (reference):\n\n{table}")
 
 
 def cmd_sweep(args: argparse.Namespace) -> None:
@@ -240,6 +246,9 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     p.add_argument("--preset", default="quick", help="quick | paper | path to a YAML file")
     p.add_argument("--out", default=None, help="output folder (default: runs/bench/<preset name>; the committed "
                    "reference tables live in results/)")
+    p.add_argument("--compare", default=None, metavar="DIR", help="print the table beside a reference folder's "
+                   "(e.g. results/quick) and flag cells beyond --tolerance")
+    p.add_argument("--tolerance", type=float, default=2.0, help="percentage points on C-ACC, ASR, RA, DER (default 2)")
     add_common(p)
     p.set_defaults(fn=cmd_bench, seed=None)
 
