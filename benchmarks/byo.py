@@ -223,13 +223,15 @@ def measure(task: UserImageTask, model: nn.Module, test: ImageSet | None, trigge
         out["clean_acc"] = task.accuracy(model, task.place(test))
     if triggered is not None:
         keep = triggered.y != target
+        if not bool(keep.any()):
+            raise ValueError(f"every triggered image is in the target class {target}'s folder; ASR counts images of "
+                             "other classes (put them in their true class's folder, or in one flat folder)")
         t = task.place(triggered.subset(torch.nonzero(keep).flatten()))
         model.eval()
         preds = torch.cat([task.predict(model, b.inputs) for b in task.iter_batches(t)])
-        out["asr"] = float((preds == target).float().mean())
-        known = t.y >= 0
-        if bool(known.all()):
-            out["ra"] = float((preds == t.y.to(preds.device)).float().mean())
+        out["asr"] = int((preds == target).sum()) / max(1, len(preds))
+        if bool((t.y >= 0).all()):
+            out["ra"] = int((preds == t.y.to(preds.device)).sum()) / max(1, len(preds))
     return out
 
 

@@ -114,6 +114,7 @@ def cmd_train_victim(args: argparse.Namespace) -> None:
 
 
 def cmd_purify(args: argparse.Namespace) -> None:
+    args.results = args.results or str(Path(args.runs_dir) / "results.csv")
     if args.model is not None or args.weights is not None or args.clean_data is not None:
         from benchmarks.byo import purify_from_args
 
@@ -229,7 +230,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     p.add_argument("--victim", default=None, help="victim directory (model.safetensors + victim.json)")
     p.add_argument("--defense", default="nft")
     add_budget_args(p)
-    p.add_argument("--results", default="runs/results.csv", help="CSV the run's row is appended to")
+    p.add_argument("--results", default=None, help="CSV the run's row is appended to (default: <runs-dir>/results.csv)")
     byo_args.add_arguments(p)
     add_common(p)
     p.set_defaults(fn=cmd_purify)

@@ -113,6 +113,21 @@ def test_python_api_with_tensors_measures_asr_and_hides_test_data_from_the_defen
     assert result.model is not net and type(result.model) is type(net)
     with pytest.raises(ValueError, match=r"pixels in \[0, 1\]"):
         purify(net, (clean[0] * 4 - 2, clean[1]), normalize="none", device="cpu")
+    from_dataset = purify(net, torch.utils.data.TensorDataset(*clean), defense="peek", normalize="none",
+                          device="cpu")
+    assert seen["clean"] == 6 and from_dataset.record["not_measured"] == [
+        "clean accuracy (no test data)", "ASR and RA (no triggered data and target)"]
+
+
+def test_a_model_from_your_own_file(byo, tmp_path):
+    root, net = byo
+    (tmp_path / "my_model.py").write_text("import torchvision\n\n\ndef make(num_classes):\n"
+                                          "    return torchvision.models.resnet18(num_classes=num_classes)\n")
+    argv = purify_args(root, "--normalize", "none", "--out", str(tmp_path / "o"), "--runs-dir", str(tmp_path / "r"),
+                       "--results", str(tmp_path / "r" / "results.csv"))
+    main([f"{tmp_path / 'my_model.py'}:make" if a == "torchvision:resnet18" else a for a in argv])
+    record = json.loads((tmp_path / "o" / "record.json").read_text())
+    assert record["config"]["task"]["model"].endswith("my_model.py:make") and record["status"] == "ok"
 
 
 def test_imagefolder_dataset_trains_victims_on_your_own_folders(tmp_path):
