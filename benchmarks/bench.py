@@ -43,6 +43,7 @@ def markdown_table(df: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run_preset(preset: str, out: Path, paths: Paths) -> pd.DataFrame:
-    """``nftbench bench``: the preset as a sweep on the local in-process executor (resumable, see sweep.py)."""
+def run_preset(preset: str | dict[str, Any], out: Path, paths: Paths) -> pd.DataFrame:
+    """``nftbench bench``: the preset (a name, a path or a loaded grid) as a sweep on the local in-process executor
+    (resumable, see sweep.py)."""
     return run_sweep(preset, out, paths, executor="local", workers=1).df

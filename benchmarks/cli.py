@@ -3,22 +3,23 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import pickle
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import yaml
+from benchmarks import byo_args
 
-from attacks import ATTACKS, create_attack
-from benchmarks.run import Paths, RunConfig, purify_victim, run_once
-from benchmarks.victims import get_victim
-from defenses import DEFENSES
-from tasks import TASKS, CleanBudget, create_task
+if TYPE_CHECKING:  # torch, the tasks and the defences load only when a command needs them (fast --help, list)
+    from benchmarks.run import Paths
+    from tasks import CleanBudget
 
 
 def parse_params(items: list[str] | None) -> dict[str, Any]:
+    import yaml
+
     out = {}
     for item in items or []:
         if "=" not in item:
@@ -33,7 +34,8 @@ def add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-root", default=None, help="folder holding the datasets (default: $DATA_ROOT or ./data)")
     p.add_argument("--runs-dir", default="runs", help="cache of decoded datasets, victims and records")
     p.add_argument("--download", action="store_true", help="allow downloading a missing dataset")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="sweep, bench: replaces the grid's seeds: list (default: "
+                   "the grid's seeds)")
 
 
 def add_victim_args(p: argparse.ArgumentParser) -> None:
@@ -73,42 +75,35 @@ def attack_params(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def budget_of(args: argparse.Namespace) -> CleanBudget:
+    from tasks import CleanBudget
+
     if args.per_class is not None:
         return CleanBudget(fraction=None, per_class=args.per_class)
     return CleanBudget(fraction=0.01 if args.val_frac is None else args.val_frac)
 
 
 def paths_of(args: argparse.Namespace) -> Paths:
+    from benchmarks.run import Paths
+
     return Paths(runs_dir=args.runs_dir, data_root=args.data_root, device=args.device, download=args.download)
 
 
 def cmd_list(args: argparse.Namespace) -> None:
-    from tasks.detection import MODELS as DETECTION_MODELS
-    from tasks.detection_data import DETECTION_DATASETS
-    from tasks.image_data import IMAGE_DATASETS
-    from tasks.image_models import IMAGE_MODELS
-    from tasks.point_data import POINTCLOUD_DATASETS
-    from tasks.point_models import POINTCLOUD_MODELS
-    from tasks.translation import MODELS as TRANSLATION_MODELS
-    from tasks.translation_data import TRANSLATION_DATASETS
+    from benchmarks import catalogue
 
-    sections = {
-        "tasks": TASKS.names(), "datasets (image)": IMAGE_DATASETS.names(), "models (image)": IMAGE_MODELS.names(),
-        "datasets (pointcloud)": POINTCLOUD_DATASETS.names(), "models (pointcloud)": POINTCLOUD_MODELS.names(),
-        "datasets (translation)": TRANSLATION_DATASETS.names(), "models (translation)": list(TRANSLATION_MODELS),
-        "datasets (detection)": [*DETECTION_DATASETS.names(), "<path to a YOLO dataset .yaml>"],
-        "models (detection)": list(DETECTION_MODELS),
-        "attacks": [f"{n:12s} [{c.modality}] {c.paper}" for n, c in ATTACKS.items()],
-        "defenses": [f"{n:12s} {s.paper}" for n, s in DEFENSES.items()],
-    }
+    sections = catalogue.build() if args.live else catalogue.load()
     wanted = [k for k in sections if getattr(args, k.split()[0])]
     for key in wanted or sections:
         print(f"{key}:")
-        for line in sections[key]:
+        for line in catalogue.lines(key, sections[key]):
             print(f"  {line}")
 
 
 def cmd_train_victim(args: argparse.Namespace) -> None:
+    from attacks import create_attack
+    from benchmarks.victims import get_victim
+    from tasks import create_task
+
     attack = None if args.attack == "none" else create_attack(args.attack, seed=args.seed, **attack_params(args))
     task = create_task(args.task, dataset=args.dataset, model=args.model, model_kwargs=parse_params(args.model_param),
                        scale=args.scale, data_root=args.data_root, cache_dir=args.runs_dir, device=args.device,
@@ -119,12 +114,27 @@ def cmd_train_victim(args: argparse.Namespace) -> None:
 
 
 def cmd_purify(args: argparse.Namespace) -> None:
-    record, out = purify_victim(args.victim, args.defense, parse_params(args.set), budget_of(args), args.seed,
-                                paths_of(args))
+    args.results = args.results or str(Path(args.runs_dir) / "results.csv")
+    if args.model is not None or args.weights is not None or args.clean_data is not None:
+        from benchmarks.byo import purify_from_args
+
+        record, out = purify_from_args(args, parse_params(args.set), parse_params(args.model_param))
+    elif args.victim is None:
+        raise ValueError("purify needs --victim DIR (a suite victim) or --model, --weights and --clean-data")
+    else:
+        from benchmarks.records import append_csv_row, labelled_row, write_record
+        from benchmarks.run import purify_victim
+
+        record, out = purify_victim(args.victim, args.defense, parse_params(args.set), budget_of(args), args.seed,
+                                    paths_of(args))
+        write_record(Path(args.runs_dir) / "records" / f"{record['run_id']}.json", record)
+        append_csv_row(args.results, labelled_row(record))
     print_record(record, out)
 
 
 def cmd_run(args: argparse.Namespace) -> None:
+    from benchmarks.run import RunConfig, run_once
+
     cfg = RunConfig(task=args.task, dataset=args.dataset, model=args.model,
                     model_kwargs=parse_params(args.model_param), scale=args.scale,
                     attack=None if args.attack == "none" else args.attack, attack_params=attack_params(args),
@@ -132,6 +142,7 @@ def cmd_run(args: argparse.Namespace) -> None:
                     val_frac=args.val_frac if args.val_frac is not None else 0.01, per_class=args.per_class)
     record = run_once(cfg, paths_of(args), results_csv=args.results, records_dir=Path(args.runs_dir) / "records")
     print_record(record, Path(args.runs_dir) / "records" / f"{record['run_id']}.json")
+    print(f"victim: {Path(args.runs_dir) / 'victims' / record['victim_id']}  (nftbench purify --victim DIR ...)")
 
 
 def print_record(record: dict[str, Any], where: Path) -> None:
@@ -149,16 +160,35 @@ def print_record(record: dict[str, Any], where: Path) -> None:
           f"DER {pct(record.get('der'))}  defence {record['defense_info']['wall_time_s']:.1f}s")
 
 
+def grid_with_seed(config: str, seed: int | None) -> dict[str, Any]:
+    """The sweep grid of ``config``, validated; ``--seed N`` replaces its ``seeds:`` list by ``[N]``."""
+    from benchmarks.sweep import load_sweep
+
+    grid = load_sweep(config)  # the whole grid is validated here, before any work
+    if seed is not None:
+        if seed < 0:
+            raise ValueError(f"--seed must be >= 0, got {seed}")
+        grid["seeds"] = [seed]
+    return grid
+
+
 def cmd_bench(args: argparse.Namespace) -> None:
     from benchmarks.bench import run_preset
 
-    run_preset(args.preset, Path(args.out), paths_of(args))
+    grid = grid_with_seed(args.preset, args.seed)
+    out = Path(args.out or Path("runs") / "bench" / grid["name"])
+    run_preset(grid, out, paths_of(args))
+    if args.compare:
+        from benchmarks.compare import compare
+
+        table, flagged = compare(out, args.compare, args.tolerance)
+        print(f"\n{out} (new) beside {args.compare} (reference):\n\n{table}")
 
 
 def cmd_sweep(args: argparse.Namespace) -> None:
-    from benchmarks.sweep import load_sweep, run_sweep
+    from benchmarks.sweep import run_sweep
 
-    grid = load_sweep(args.config)  # the whole grid is validated here, before any work
+    grid = grid_with_seed(args.config, args.seed)
     out = Path(args.out or Path("results") / grid["name"])
     result = run_sweep(grid, out, paths_of(args), executor=args.executor, workers=args.workers,
                        address=args.address, dry_run=args.dry_run, reuse=args.reuse or (), only=args.only or ())
@@ -180,13 +210,15 @@ def cmd_perf(args: argparse.Namespace) -> None:
     run_perf(args)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nftbench", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("list", help="registered tasks, datasets, models, attacks, defences")
     for k in ("tasks", "datasets", "models", "attacks", "defenses"):
         p.add_argument(f"--{k}", action="store_true")
+    p.add_argument("--live", action="store_true", help="read the registries (slow: imports torch and every task) "
+                   "instead of benchmarks/catalogue.json; shows what you registered yourself")
     p.set_defaults(fn=cmd_list)
 
     p = sub.add_parser("train-victim", help="train (or reuse) a backdoored or benign model")
@@ -194,10 +226,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_common(p)
     p.set_defaults(fn=cmd_train_victim)
 
-    p = sub.add_parser("purify", help="remove the backdoor from a saved victim")
-    p.add_argument("--victim", required=True, help="victim directory (model.safetensors + victim.json)")
+    p = sub.add_parser("purify", help="remove the backdoor from a saved victim, or from your own model")
+    p.add_argument("--victim", default=None, help="victim directory (model.safetensors + victim.json)")
     p.add_argument("--defense", default="nft")
     add_budget_args(p)
+    p.add_argument("--results", default=None, help="CSV the run's row is appended to (default: <runs-dir>/results.csv)")
+    byo_args.add_arguments(p)
     add_common(p)
     p.set_defaults(fn=cmd_purify)
 
@@ -211,9 +245,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="run a preset grid and print its table")
     p.add_argument("--preset", default="quick", help="quick | paper | path to a YAML file")
-    p.add_argument("--out", default="results/quick")
+    p.add_argument("--out", default=None, help="output folder (default: runs/bench/<preset name>; the committed "
+                   "reference tables live in results/)")
+    p.add_argument("--compare", default=None, metavar="DIR", help="print the table beside a reference folder's "
+                   "(e.g. results/quick) and flag cells beyond --tolerance")
+    p.add_argument("--tolerance", type=float, default=2.0, help="percentage points on C-ACC, ASR, RA, DER (default 2)")
     add_common(p)
-    p.set_defaults(fn=cmd_bench)
+    p.set_defaults(fn=cmd_bench, seed=None)
 
     p = sub.add_parser("sweep", help="run a YAML grid of cells (resumable; local or Ray executor)",
                        description="Run every cell of a sweep YAML (a preset name or a path). Finished cells "
@@ -231,28 +269,33 @@ def build_parser() -> argparse.ArgumentParser:
                    help="local executor: worker processes, or auto = one per visible GPU (1 on CPU)")
     p.add_argument("--address", default=None,
                    help="ray executor: cluster address (auto = the running cluster; default: a local Ray instance)")
-    add_common(p)  # --seed is unused here: the grid's seeds key sets the seeds
-    p.set_defaults(fn=cmd_sweep)
+    add_common(p)
+    p.set_defaults(fn=cmd_sweep, seed=None)
 
-    from benchmarks import leaderboard, perf
-
-    p = sub.add_parser("leaderboard", help="aggregate run records into per-dataset CSVs, LEADERBOARD.md and plots, or "
-                       "a static site (--html)",
-                       description=leaderboard.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    leaderboard.add_arguments(p)
-    p.set_defaults(fn=cmd_leaderboard)
-
-    p = sub.add_parser("perf", help="victim training throughput and every defence's wall time on one victim",
-                       description=perf.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    perf.add_arguments(p)
-    p.set_defaults(fn=cmd_perf)
+    # leaderboard (pandas) and perf (torch) build their options only when named, so `nftbench --help` stays fast
+    command = next((a for a in (sys.argv[1:] if argv is None else argv) if not a.startswith("-")), None)
+    for name, fn, help_text in (
+        ("leaderboard", cmd_leaderboard, "aggregate run records into per-dataset CSVs, LEADERBOARD.md and plots, "
+         "or a static site (--html)"),
+        ("perf", cmd_perf, "victim training throughput and every defence's wall time on one victim"),
+    ):
+        if command != name:
+            sub.add_parser(name, help=help_text)
+            continue
+        module = importlib.import_module(f"benchmarks.{name}")
+        p = sub.add_parser(name, help=help_text, description=module.__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        module.add_arguments(p)
+        p.set_defaults(fn=fn)
     return parser
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    args = build_parser(argv).parse_args(argv)
     try:
         if getattr(args, "task", None) is not None and hasattr(args, "dataset"):
+            from tasks import TASKS
+
             task_cls = TASKS.get(args.task)
             args.dataset = args.dataset or task_cls.default_dataset
             if hasattr(args, "attack"):

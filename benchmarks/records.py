@@ -105,6 +105,14 @@ def record_row(record: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def labelled_row(record: dict[str, Any]) -> dict[str, Any]:
+    """The CSV row with the defence labelled by its options (``nft[steps=100]``), as results CSVs and tables show
+    it; ``record_row`` keeps the bare name (the leaderboard labels from the config itself)."""
+    row = record_row(record)
+    row["defense"] = params_label(row["defense"], record["config"].get("defense_params") or {})
+    return row
+
+
 def append_csv_row(path: str | os.PathLike, row: dict[str, Any]) -> None:
     """Add (or replace, by run_id) one row; the file is rewritten atomically so it is never half-written."""
     p = Path(path)

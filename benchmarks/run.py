@@ -19,7 +19,7 @@ from benchmarks.records import (
     config_hash,
     der,
     device_name,
-    record_row,
+    labelled_row,
     versions,
     write_record,
 )
@@ -121,7 +121,7 @@ def run_once(cfg: RunConfig, paths: Paths, results_csv: str | os.PathLike | None
         if done is not None:
             write_record(done, record)
     if results_csv is not None:
-        append_csv_row(results_csv, record_row(record))
+        append_csv_row(results_csv, labelled_row(record))
     return record
 
 

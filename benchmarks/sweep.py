@@ -44,7 +44,7 @@ from typing import Any
 import yaml
 
 from benchmarks.checkpoint import atomic_write_text
-from benchmarks.records import CSV_COLUMNS, config_hash, params_label, record_row, versions, write_record
+from benchmarks.records import CSV_COLUMNS, config_hash, labelled_row, params_label, versions, write_record
 from benchmarks.run import Paths, RunConfig, run_config, run_once
 
 CONFIG_DIR = Path(__file__).parent / "configs"
@@ -813,7 +813,7 @@ def rebuild_csv(out: Path, run_ids: list[str]) -> Path:
     listed = set(run_ids)
     others = [read(p) for p in sorted((out / "records").glob("*.json")) if p.stem not in listed]
     others = sorted((r for r in others if r and "run_id" in r), key=lambda r: str(r.get("started", "")))
-    rows = [{k: ("" if v is None else v) for k, v in record_row(r).items()} for r in records + others if r]
+    rows = [{k: ("" if v is None else v) for k, v in labelled_row(r).items()} for r in records + others if r]
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, extrasaction="ignore")
     writer.writeheader()

@@ -6,6 +6,7 @@ input) and the defender's clean split, nothing else: no test data, no attack, no
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -63,16 +64,26 @@ def no_defense(model: nn.Module, task: Any, clean: Any, cfg: NoDefenseConfig, se
     return model, {}
 
 
+def quiet() -> bool:
+    """No progress bars under CI or with NFTBENCH_QUIET=1 (as victim training and sweeps)."""
+    return bool(os.environ.get("CI")) or os.environ.get("NFTBENCH_QUIET") == "1"
+
+
 def purify(name: str, model: nn.Module, task: Any, clean: Any, config: dict[str, Any] | None = None,
            seed: int = 0) -> tuple[nn.Module, dict[str, Any]]:
-    """Run a registered defence; ``info`` gains the resolved config, wall time and forward-pass count."""
+    """Run a registered defence; ``info`` gains the resolved config, wall time and forward-pass count. Progress:
+    a bar counting the model's forward passes (every defence runs the model; their loops differ), on stderr."""
+    from tqdm.auto import tqdm
+
     spec = DEFENSES.get(name)
     cfg = spec.make_config(config)
     forwards = [0, 0]
+    bar = tqdm(desc=f"{name}", unit=" fwd", disable=quiet(), leave=False, dynamic_ncols=True, mininterval=1.0)
 
     def count(_module, args, _output):
         forwards[0] += 1
         forwards[1] += len(args[0]) if args and hasattr(args[0], "__len__") else 0
+        bar.update()
 
     handle = model.register_forward_hook(count)
     if task.device.type == "cuda":
@@ -82,6 +93,7 @@ def purify(name: str, model: nn.Module, task: Any, clean: Any, config: dict[str,
         model, info = spec.fn(model, task, clean, cfg, seed=seed)
     finally:
         handle.remove()
+        bar.close()
     if task.device.type == "cuda":
         torch.cuda.synchronize(task.device)
     info = {

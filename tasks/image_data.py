@@ -67,6 +67,8 @@ def load_image_dataset(
     """Load ``name`` from ``root`` (decoding once into ``cache_dir``) and return CPU tensors."""
     loader = IMAGE_DATASETS.get(name)
     tag = name if image_size is None else f"{name}-{image_size}"
+    if getattr(loader, "per_root", False):  # a user's folder (imagefolder): the cache is per folder
+        tag += "-" + hashlib.sha256(str(Path(root).expanduser().resolve()).encode()).hexdigest()[:8]
     cache = Path(cache_dir) / "datasets" / tag
     if not (cache / "meta.json").is_file():
         # Decode into a temp folder, then rename: a killed decode leaves no half-written cache.

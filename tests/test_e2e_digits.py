@@ -82,12 +82,15 @@ def test_cli_run_purify_and_blend(runs_dir, tmp_path, capsys, badnets_victim):
     record = json.loads((purified / "record.json").read_text())
     assert record["config"]["budget"] == "1/class" and record["clean_samples"] == 10
     assert (purified / "model.safetensors").is_file()
+    assert (runs_dir / "records" / f"{record['run_id']}.json").is_file()  # the leaderboard's input, as run's
+    assert f"{record['run_id']},ok," in (runs_dir / "results.csv").read_text()
 
     csv = tmp_path / "res.csv"
     main(["run", "--dataset", "digits", "--attack", "blend", "--defense", "nft", "--val-frac", "0.05",
           "--set", "steps=20", "--device", "cpu", "--runs-dir", str(runs_dir), "--results", str(csv)])
     rows = csv.read_text().splitlines()
-    assert len(rows) == 2 and ",blend,nft,0.05," in rows[1]
+    assert len(rows) == 2 and ",blend,nft[steps=20],0.05," in rows[1]
+    assert f"victim: {runs_dir / 'victims'}" in capsys.readouterr().out
 
 
 def test_run_once_blend_victim_is_backdoored(runs_dir, tmp_path):

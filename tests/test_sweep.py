@@ -197,7 +197,8 @@ def test_sweep_writes_records_csv_logs_then_skips_done_cells_and_is_bit_identica
     assert len(recs) == 2 and all(r["status"] == "ok" for r in recs.values()), recs
     df = pd.read_csv(out1 / "results.csv")
     assert sorted(df.run_id) == sorted(recs) and list(df.status) == ["ok", "ok"] and res.failed == 0
-    assert list(df.defense) == ["none", "nft"] and (out1 / "table.md").is_file()
+    assert list(df.defense) == ["none", "nft[steps=30]"] and (out1 / "table.md").is_file()  # labelled by options
+    assert "| nft[steps=30] |" in (out1 / "table.md").read_text()
     for run_id in recs:
         log = (out1 / "logs" / f"{run_id}.log").read_text()
         assert f"cell {run_id}" in log and "status: ok" in log
@@ -303,7 +304,7 @@ def test_sweeps_sharing_a_folder_keep_each_others_rows(tmp_path, runs):
     run_sweep(load_sweep(grid_file(tmp_path, name="second", defenses=[{"name": "nft", "steps": 5}])), out, paths,
               log=lambda s: None)
     df = pd.read_csv(out / "results.csv")
-    assert list(df.defense) == ["nft", "none"]  # this grid's cells first, then the folder's other records
+    assert list(df.defense) == ["nft[steps=5]", "none"]  # this grid's cells first, then the folder's other records
     table = (out / "table.md").read_text()
     assert table.startswith("# second") and "| none |" not in table
 
