@@ -93,7 +93,7 @@ def stable(record: dict) -> dict:
     ({"budgets": [{"val_frac": 2}]}, "clean fraction must be in (0, 1]"),
     ({"budgets": [{"frac": 0.1}]}, "expected {val_frac: fraction} or {per_class: k}"),
     ({"seeds": [-1]}, "seeds: expected integers >= 0"),
-    ({"scale": "huge"}, "scale: must be one of ['paper', 'quick']"),
+    ({"scale": "huge"}, "scale: must be one of ['fast', 'paper', 'quick']"),
     ({"models": ["resnet-tiniest"]}, "unknown image model 'resnet-tiniest'"),
     ({"datasets": "digits"}, "datasets: expected a non-empty list"),
 ])
