@@ -2,7 +2,7 @@
 
 from typing import Any
 
-from tasks import detection, image_classification, point_cloud, translation  # noqa: F401  (register the task adapters)
+from tasks import detection, image_classification, point_cloud, translation, video  # noqa: F401  (register the task adapters)
 from tasks.base import TASKS, Batch, CleanBudget, Task, UnknownNameError
 
 
