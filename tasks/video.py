@@ -118,9 +118,11 @@ class TorchvisionVideoResNet(nn.Module):
         super().__init__()
         from torchvision.models import video
 
-        self.model = getattr(video, arch)(weights=None)
-        if pretrained:
-            self.model.load_state_dict(load_safetensors(pretrained))
+        state = load_safetensors(pretrained) if pretrained else None
+        classes = len(state["fc.bias"]) if state is not None and "fc.bias" in state else num_classes
+        self.model = getattr(video, arch)(weights=None, num_classes=classes)
+        if state is not None:
+            self.model.load_state_dict(state)
         if self.model.fc.out_features != num_classes:
             self.model.fc = nn.Linear(self.model.fc.in_features, num_classes)
         self.mask_exclude = tuple(f"model.stem.{n}" for n, m in self.model.stem.named_children()
