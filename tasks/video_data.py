@@ -1,9 +1,9 @@
 """Video datasets for the action-recognition task: clips as uint8 (N, C, T, H, W), cached once.
 
-- ``procedural`` (embedded, no files): ten classes defined by *motion*, so one frame cannot tell them apart: a
-  bright square that stays, moves right / left / down / up (slow), moves right / down fast, appears halfway,
-  or a bar that turns clockwise / counter-clockwise; random colour, size, start position and background level,
-  fresh pixel noise on every frame; positions wrap around the frame edges. 100 train and 30 test clips per class.
+- ``procedural`` (embedded, no files): ten classes defined by *motion* (they differ in how the frames change, not
+  in what one frame shows): a bright square that stays, moves right / left / down / up (slow), moves right / down
+  fast, appears halfway, or a bar that turns clockwise / counter-clockwise; random colour, size, start position
+  and background level, fresh pixel noise on every frame; positions wrap around the frame edges. 100 train and 30 test clips per class.
 - ``ucf101`` (Soomro, Zamir, Shah, 2012) and ``hmdb51`` (Kuehne et al., ICCV 2011) in their official layouts,
   decoded once with PyAV (``pip install av``; the ``video`` extra):
 
