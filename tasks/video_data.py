@@ -3,7 +3,8 @@
 - ``procedural`` (embedded, no files): ten classes defined by *motion* (they differ in how the frames change, not
   in what one frame shows): a bright square that stays, moves right / left / down / up (slow), moves right / down
   fast, appears halfway, or a bar that turns clockwise / counter-clockwise; random colour, size, start position
-  and background level, fresh pixel noise on every frame; positions wrap around the frame edges. 100 train and 30 test clips per class.
+  and background level, fresh pixel noise on every frame; positions wrap around the frame edges. 100 train and 30
+  test clips per class.
 - ``ucf101`` (Soomro, Zamir, Shah, 2012) and ``hmdb51`` (Kuehne et al., ICCV 2011) in their official layouts,
   decoded once with PyAV (``pip install av``; the ``video`` extra):
 
@@ -31,6 +32,7 @@ import os
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -207,7 +209,13 @@ def decode_clip(path: str | os.PathLike, frames: int, size: int) -> np.ndarray:
 
 
 def file_key(path: Path, rel: str) -> str:
-    """SHA-256 of a file's relative path and content."""
+    """SHA-256 of a file's relative path and content (hashed once per process while its size and mtime stay)."""
+    st = path.stat()
+    return _file_key(str(path), rel, st.st_size, st.st_mtime_ns)
+
+
+@cache
+def _file_key(path: str, rel: str, size: int, mtime_ns: int) -> str:
     digest = hashlib.sha256(rel.encode())
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):

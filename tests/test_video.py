@@ -19,8 +19,14 @@ from defenses import DEFENSES, purify
 from defenses.clp import conv_bn_pairs
 from defenses.masking import NeuronMasks
 from tasks import TASKS, Batch, CleanBudget, Task, create_task
-from tasks.base import LabelledTensors, TensorBatches, select_clean, stratified_split
-from tasks.video_data import PROCEDURAL_CLASSES, DatasetNotFoundError, load_video_dataset, procedural_clips
+from tasks.base import LabelledTensors, TensorBatches, beta_sample, select_clean, stratified_split
+from tasks.video_data import (
+    PROCEDURAL_CLASSES,
+    DatasetNotFoundError,
+    decode_clip,
+    load_video_dataset,
+    procedural_clips,
+)
 
 FRAMES, SIZE = 8, 16
 
@@ -130,6 +136,10 @@ def test_hmdb51_layout_and_missing_dataset(tmp_path):
     assert data.test.x.shape == (2, 3, 8, 8, 8)  # 6 frames: the clip repeats the last one
     with pytest.raises(DatasetNotFoundError, match="UCF101 not found"):
         load_video_dataset("ucf101", tmp_path / "data", tmp_path / "cache", frames=8, size=8)
+    broken = root / "hmdb51" / "cartwheel" / "cartwheel_0.avi"
+    broken.write_bytes(b"not a video")
+    with pytest.raises(ValueError, match="cartwheel_0.avi"):
+        decode_clip(broken, 8, 8)
 
 
 # --- triggers --------------------------------------------------------------------------------------------------
@@ -321,7 +331,7 @@ class TabularTask(TensorBatches, Task):
         return F.cross_entropy(model(batch.inputs), batch.targets, label_smoothing=label_smoothing)
 
     def mixup_loss(self, model, batch, alpha, generator):
-        lam = float(torch.distributions.Beta(alpha, alpha).sample())
+        lam = beta_sample(alpha, generator)
         perm = torch.randperm(len(batch), generator=generator)
         logits = model(lam * batch.inputs + (1 - lam) * batch.inputs[perm])
         return lam * F.cross_entropy(logits, batch.targets) + (1 - lam) * F.cross_entropy(logits, batch.targets[perm])
