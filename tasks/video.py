@@ -214,6 +214,7 @@ class VideoTask(TensorBatches, Task):
         self.reserve_fraction = reserve_fraction or RESERVE_FRACTION.get(dataset, DEFAULT_RESERVE)
         self.split_seed = split_seed
         self.attacker_idx, self.reserve_idx = stratified_split(self.data.train.y, self.reserve_fraction, split_seed)
+        self.flip = self.data.flip  # a horizontal flip keeps the label (not for left / right motion classes)
         self.large = self.data.train.x.numel() > 2e9  # UCF101 at 128 px: keep the clips memory-mapped on the CPU
         self.test = self.place(self.data.test)
 
@@ -297,7 +298,7 @@ class VideoTask(TensorBatches, Task):
             if rows.any():  # quantised like a released video
                 x = x.clone()
                 x[rows] = (split.trigger(x[rows].float() / 255) * 255).round().clamp(0, 255).to(torch.uint8)
-        if augment and self.data.flip:
+        if augment and self.flip:
             flip = (torch.rand(len(x), generator=generator) < 0.5).to(x.device)
             x = torch.where(flip[:, None, None, None, None], x.flip(-1), x)
         return Batch(x.float().div_(255), y)
