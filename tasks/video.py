@@ -89,7 +89,7 @@ def conv_bn(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
 
 class SmallCNN3d(nn.Module):
     """A CPU-size 3D CNN: four 3x3x3 Conv3d-BatchNorm3d-ReLU blocks (the middle two stride 2 in time and space),
-    global average pooling and a linear classifier; about 170k parameters at the default widths."""
+    global average pooling and a linear classifier; 293k parameters at the default widths and ten classes."""
 
     feature_layer = "layer3"
     mask_exclude = ("stem.1",)  # the stem BN, as the image models
