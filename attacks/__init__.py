@@ -10,6 +10,7 @@ from attacks import (  # noqa: F401  (each module registers its attacks)
     image_signal,
     pointcloud,
     translation,
+    video,
 )
 from attacks.base import ATTACKS, Attack, create_attack, select_poison_indices
 

@@ -2,7 +2,7 @@
 
 from typing import Any
 
-from tasks import detection, image_classification, image_folder, point_cloud, translation  # noqa: F401  (register)
+from tasks import detection, image_classification, image_folder, point_cloud, translation, video  # noqa: F401
 from tasks.base import TASKS, Batch, CleanBudget, Task, UnknownNameError
 
 
