@@ -34,6 +34,8 @@ def build() -> dict[str, Any]:
     from tasks.point_models import POINTCLOUD_MODELS
     from tasks.translation import MODELS as TRANSLATION_MODELS
     from tasks.translation_data import TRANSLATION_DATASETS
+    from tasks.video import VIDEO_MODELS
+    from tasks.video_data import VIDEO_DATASETS
 
     defenses = []
     for name, spec in DEFENSES.items():
@@ -49,6 +51,7 @@ def build() -> dict[str, Any]:
         "datasets (translation)": TRANSLATION_DATASETS.names(), "models (translation)": list(TRANSLATION_MODELS),
         "datasets (detection)": [*DETECTION_DATASETS.names(), "<path to a YOLO dataset .yaml>"],
         "models (detection)": list(DETECTION_MODELS),
+        "datasets (video)": VIDEO_DATASETS.names(), "models (video)": VIDEO_MODELS.names(),
         "attacks": [{"name": n, "modality": c.modality, "paper": c.paper} for n, c in ATTACKS.items()],
         "defenses": defenses,
     }
