@@ -12,19 +12,28 @@ from typing import Any
 import yaml
 
 from attacks import ATTACKS, create_attack
+from benchmarks.records import read_results_csv
 from benchmarks.run import Paths, RunConfig, purify_victim, run_once
+from benchmarks.validate import attack_class_problems, raise_problems, run_problems
 from benchmarks.victims import get_victim
 from defenses import DEFENSES
 from tasks import TASKS, CleanBudget, create_task
+from tasks.fileio import check_write_path
 
 
-def parse_params(items: list[str] | None) -> dict[str, Any]:
+def parse_params(items: list[str] | None, flag: str = "--set") -> dict[str, Any]:
+    """``KEY=VALUE`` items, each value read as plain YAML (a number, true/false, a string, a [list])."""
     out = {}
     for item in items or []:
         if "=" not in item:
-            raise ValueError(f"expected key=value, got {item!r}")
+            raise ValueError(f"{flag} expects KEY=VALUE, got {item!r}")
         key, value = item.split("=", 1)
-        out[key.strip().replace("-", "_")] = yaml.safe_load(value)
+        try:
+            out[key.strip().replace("-", "_")] = yaml.safe_load(value)
+        except yaml.YAMLError as e:  # a syntax error, or a tag (!!python/...) that safe_load refuses
+            problem = str(e).splitlines()[0]
+            raise ValueError(f"{flag} {item!r}: {value!r} is not a plain YAML value ({problem}); give a number, "
+                             "true/false, a string (quote it if it has : [ ] { } or #) or a [list]") from None
     return out
 
 
@@ -42,7 +51,7 @@ def add_victim_args(p: argparse.ArgumentParser) -> None:
                    "pointcloud: procedural)")
     p.add_argument("--model", default=None, help="default: the dataset's model for --scale")
     p.add_argument("--model-param", action="append", metavar="KEY=VALUE",
-                   help="model option, repeatable (e.g. width=0.5, pretrained=/path/resnet50.pth)")
+                   help="model option, repeatable (e.g. width=0.5, pretrained=/path/resnet50.safetensors)")
     p.add_argument("--scale", default="quick", choices=["quick", "paper"])
     p.add_argument("--attack", default=None, help="a registered attack of the task's modality, or 'none' for a "
                    "benign model (default: image badnets, pointcloud pointba-i)")
@@ -60,7 +69,7 @@ def add_budget_args(p: argparse.ArgumentParser) -> None:
 
 
 def attack_params(args: argparse.Namespace) -> dict[str, Any]:
-    params = parse_params(args.attack_param)
+    params = parse_params(args.attack_param, "--attack-param")
     if args.poison_rate is not None:
         params["poison_rate"] = args.poison_rate
     if args.target is not None:
@@ -107,16 +116,21 @@ def cmd_list(args: argparse.Namespace) -> None:
 
 
 def cmd_train_victim(args: argparse.Namespace) -> None:
-    attack = None if args.attack == "none" else create_attack(args.attack, seed=args.seed, **attack_params(args))
-    task = create_task(args.task, dataset=args.dataset, model=args.model, model_kwargs=parse_params(args.model_param),
+    model_kwargs = parse_params(args.model_param, "--model-param")
+    attack_name = None if args.attack == "none" else args.attack
+    attack = None if attack_name is None else create_attack(attack_name, seed=args.seed, **attack_params(args))
+    raise_problems(run_problems(args.task, args.dataset, args.model, args.scale, model_kwargs, attack_name, None))
+    task = create_task(args.task, dataset=args.dataset, model=args.model, model_kwargs=model_kwargs,
                        scale=args.scale, data_root=args.data_root, cache_dir=args.runs_dir, device=args.device,
                        download=args.download)
+    raise_problems(attack_class_problems(task, attack))
     _, meta, d = get_victim(task, attack, args.seed, args.runs_dir)
     m = meta["metrics"]
     print(json.dumps({"victim": str(d), **m, "train_time_s": round(meta["train_time_s"], 1)}, indent=1))
 
 
 def cmd_purify(args: argparse.Namespace) -> None:
+    check_write_path(Path(args.victim) / "purified", "--victim", kind="folder")
     record, out = purify_victim(args.victim, args.defense, parse_params(args.set), budget_of(args), args.seed,
                                 paths_of(args))
     print_record(record, out)
@@ -124,7 +138,7 @@ def cmd_purify(args: argparse.Namespace) -> None:
 
 def cmd_run(args: argparse.Namespace) -> None:
     cfg = RunConfig(task=args.task, dataset=args.dataset, model=args.model,
-                    model_kwargs=parse_params(args.model_param), scale=args.scale,
+                    model_kwargs=parse_params(args.model_param, "--model-param"), scale=args.scale,
                     attack=None if args.attack == "none" else args.attack, attack_params=attack_params(args),
                     defense=args.defense, defense_params=parse_params(args.set), seed=args.seed,
                     val_frac=args.val_frac if args.val_frac is not None else 0.01, per_class=args.per_class)
@@ -157,13 +171,40 @@ def cmd_sweep(args: argparse.Namespace) -> None:
     from benchmarks.sweep import load_sweep, run_sweep
 
     grid = load_sweep(args.config)  # the whole grid is validated here, before any work
-    out = Path(args.out or Path("results") / grid["name"])
+    out = Path(args.out or Path("results") / grid["name"])  # a grid's name is a plain folder name (load_sweep)
+    check_write_path(out, "--out" if args.out else f"results/<name> of {args.config}", kind="folder")
+    args.resume = (f"finished cells are kept in {out / 'records'}; run the same command again to resume (cells "
+                   "that were running rerun)")
     result = run_sweep(grid, out, paths_of(args), executor=args.executor, workers=args.workers,
                        address=args.address, dry_run=args.dry_run, reuse=args.reuse or (), only=args.only or ())
     if not args.dry_run and result.failed:
-        print(f"nftbench: {result.failed} cell(s) failed (status error in {out / 'results.csv'}; logs in "
-              f"{out / 'logs'}); rerun the same command to retry them", file=sys.stderr)
+        fix, retry = result.to_fix, result.failed - result.to_fix
+        advice = []
+        if fix:
+            advice.append(f"{fix} need the config or data fixed first (rerunning alone fails the same way)")
+        if retry:
+            advice.append(f"{retry} failed for a passing reason (memory, a lost worker): rerun the same command "
+                          "to retry them")
+        print(f"nftbench: {result.failed} cell(s) failed (errors in {out / 'table.md'}, logs in {out / 'logs'}): "
+              f"{'; '.join(advice)}", file=sys.stderr)
         sys.exit(1)
+
+
+def cmd_cache(args: argparse.Namespace) -> None:
+    from tasks.data_cache import clean_caches, list_caches
+
+    if args.action == "ls":
+        entries = list_caches(args.runs_dir)
+        for e in entries:
+            print(f"{e.size_bytes / 2**20:9.1f} MiB  {e.path.name:40s}  {e.state}  {e.source}".rstrip())
+        if not entries:
+            print(f"no decoded datasets under {Path(args.runs_dir) / 'datasets'}")
+        return
+    removed = clean_caches(args.runs_dir, everything=args.all)
+    for e in removed:
+        print(f"removed {e.path} ({e.state})")
+    print(f"{len(removed)} cache(s) removed ({sum(e.size_bytes for e in removed) / 2**20:.1f} MiB); "
+          "victims and records are kept")
 
 
 def cmd_leaderboard(args: argparse.Namespace) -> None:
@@ -232,6 +273,15 @@ def build_parser() -> argparse.ArgumentParser:
     add_common(p)  # --seed is unused here: the grid's seeds key sets the seeds
     p.set_defaults(fn=cmd_sweep)
 
+    p = sub.add_parser("cache", help="list or remove decoded-dataset caches (runs/datasets)",
+                       description="Decoded datasets are cached per data root and checked against their source "
+                       "files (tasks/data_cache.py). ls: every cache, its size and state; clean: remove the stale "
+                       "and incomplete ones (--all: every one). Victims and records are never touched.")
+    p.add_argument("action", choices=["ls", "clean"])
+    p.add_argument("--runs-dir", default="runs", help="the runs folder holding datasets/ (default: runs)")
+    p.add_argument("--all", action="store_true", help="clean: remove every decoded dataset, not only stale ones")
+    p.set_defaults(fn=cmd_cache)
+
     from benchmarks import leaderboard, perf
 
     p = sub.add_parser("leaderboard", help="aggregate run records into per-dataset CSVs, LEADERBOARD.md and plots",
@@ -246,18 +296,45 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Paths each command writes, checked before any work: (argument, flag, file | folder).
+WRITE_PATHS = {
+    "train-victim": [("runs_dir", "--runs-dir", "folder")],
+    "purify": [("runs_dir", "--runs-dir", "folder")],
+    "run": [("runs_dir", "--runs-dir", "folder"), ("results", "--results", "file")],
+    "bench": [("runs_dir", "--runs-dir", "folder"), ("out", "--out", "folder")],
+    "sweep": [("runs_dir", "--runs-dir", "folder"), ("out", "--out", "folder")],
+    "leaderboard": [("out", "--out", "folder")],
+    "perf": [("runs_dir", "--runs-dir", "folder"), ("json", "--json", "file")],
+    "cache": [("runs_dir", "--runs-dir", "folder")],
+}
+# Errors that are the input's or the environment's: one line naming the value or file and the fix, exit 2.
+INPUT_ERRORS = (KeyError, ValueError, OSError, RuntimeError, FloatingPointError, pickle.UnpicklingError,
+                yaml.YAMLError)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
+        for attr, flag, kind in WRITE_PATHS.get(args.command, []):
+            if getattr(args, attr, None) is not None:
+                check_write_path(getattr(args, attr), flag, kind)
+        if args.command == "run":
+            read_results_csv(args.results)  # another program's file is refused now, not after the run
         if getattr(args, "task", None) is not None and hasattr(args, "dataset"):
             task_cls = TASKS.get(args.task)
             args.dataset = args.dataset or task_cls.default_dataset
             if hasattr(args, "attack"):
                 args.attack = args.attack or task_cls.default_attack
         args.fn(args)
-    except (KeyError, ValueError, FileNotFoundError, RuntimeError, FloatingPointError, pickle.UnpicklingError) as e:
+    except INPUT_ERRORS as e:
         print(f"nftbench: error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        resume = getattr(args, "resume", None) or (
+            f"finished victims stay cached in {Path(args.runs_dir) / 'victims'}; run the same command again to go on"
+            if hasattr(args, "runs_dir") else "nothing was left half-written; run the same command again")
+        print(f"\nnftbench: interrupted; {resume}", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":
