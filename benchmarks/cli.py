@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import pickle
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,7 @@ import yaml
 
 from attacks import ATTACKS, create_attack
 from benchmarks.records import read_results_csv
-from benchmarks.run import Paths, RunConfig, purify_victim, run_once
+from benchmarks.run import INTERRUPTED, Paths, RunConfig, interrupt_handler, purify_victim, run_once
 from benchmarks.validate import attack_class_problems, raise_problems, run_problems
 from benchmarks.victims import get_victim
 from defenses import DEFENSES
@@ -314,6 +315,10 @@ INPUT_ERRORS = (KeyError, ValueError, OSError, RuntimeError, FloatingPointError,
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    previous = signal.getsignal(signal.SIGINT)
+    if previous is signal.default_int_handler:  # not where SIGINT is ignored (a background job)
+        signal.signal(signal.SIGINT, interrupt_handler)
+    INTERRUPTED.clear()
     try:
         for attr, flag, kind in WRITE_PATHS.get(args.command, []):
             if getattr(args, attr, None) is not None:
@@ -335,6 +340,8 @@ def main(argv: list[str] | None = None) -> None:
             if hasattr(args, "runs_dir") else "nothing was left half-written; run the same command again")
         print(f"\nnftbench: interrupted; {resume}", file=sys.stderr)
         sys.exit(130)
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 if __name__ == "__main__":

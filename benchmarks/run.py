@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -29,6 +30,15 @@ from benchmarks.victims import get_victim, load_attack_artifacts
 from defenses import DEFENSES, purify
 from tasks import CleanBudget, Task, create_task
 from tasks.fileio import check_write_path
+
+# Set by the CLI's Ctrl-C handler. A Ctrl-C that lands inside a library's native code can come back as that library's
+# error (safetensors reports a "corrupt" file); checking this flag keeps it an interruption, never a failed run.
+INTERRUPTED = threading.Event()
+
+
+def interrupt_handler(signum: int, frame: Any) -> None:
+    INTERRUPTED.set()
+    raise KeyboardInterrupt
 
 
 @dataclass
@@ -94,6 +104,8 @@ def defend(task: Task, attack: Attack | None, model: nn.Module, victim: dict[str
         if before["asr"] is not None:
             record["der"] = der(before["clean_acc"], after["clean_acc"], before["asr"], after["asr"])
     except Exception as e:  # noqa: BLE001  (recorded: the record says what failed and where)
+        if INTERRUPTED.is_set():
+            raise KeyboardInterrupt from e
         record.update(status="error", error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc(limit=8))
         purified = None
     record["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")

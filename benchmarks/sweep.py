@@ -46,7 +46,7 @@ import yaml
 
 from benchmarks.checkpoint import atomic_write_text
 from benchmarks.records import CSV_COLUMNS, config_hash, params_label, record_row, versions, write_record
-from benchmarks.run import Paths, RunConfig, run_config, run_once
+from benchmarks.run import INTERRUPTED, Paths, RunConfig, run_config, run_once
 from benchmarks.validate import attack_class_problems, attack_problems, budget_problems, model_problems
 from tasks.fileio import file_lock
 
@@ -657,6 +657,8 @@ def run_claimed_cell(cell: Cell, paths: Paths, out: Path) -> dict[str, Any]:
                 record = run_once(cell.cfg, paths, results_csv=None, records_dir=records, skip_done=True)
                 written = True
             except Exception as e:  # noqa: BLE001  (recorded: a failed cell is a row, never a silent gap)
+                if INTERRUPTED.is_set():
+                    raise KeyboardInterrupt from e
                 traceback.print_exc()
                 record = error_record(cell, f"{type(e).__name__}: {e}", traceback.format_exc(limit=8))
             if record.get("run_id") != cell.run_id:  # the data changed since planning: keep the planned id too

@@ -51,17 +51,24 @@ def check_write_path(path: str | os.PathLike, what: str, kind: str = "file") -> 
     write. ``what`` names the option (``--results``) in the message. Creates nothing."""
     p = Path(path).expanduser()
     absolute = p if p.is_absolute() else Path.cwd() / p
-    existing = absolute
-    while not existing.exists():
-        existing = existing.parent
-    if existing != absolute and not existing.is_dir():
-        raise WritePathError(f"{what} {p}: {existing} is a file, so nothing can be created under it; "
-                             "give a path in a folder")
+    existing, rest = Path(absolute.anchor), list(absolute.parts[1:])  # the deepest existing folder, what follows
     limit = _name_max(existing)
-    for part in absolute.relative_to(existing).parts:
+    descending = True
+    for part in rest:
         if len(part.encode()) > limit:
             raise WritePathError(f"{what} {p}: the name {part[:40]!r}... is {len(part.encode())} bytes, longer than "
                                  f"the file system's limit of {limit}; give a shorter name")
+        if descending:
+            try:
+                descending = (existing / part).exists()
+            except OSError as e:
+                raise WritePathError(f"{what} {p}: {e.strerror}; give a shorter path") from None
+            if descending:
+                existing = existing / part
+                limit = _name_max(existing) if existing.is_dir() else limit
+    if existing != absolute and not existing.is_dir():
+        raise WritePathError(f"{what} {p}: {existing} is a file, so nothing can be created under it; "
+                             "give a path in a folder")
     if absolute.exists():
         if kind == "file" and absolute.is_dir():
             raise WritePathError(f"{what} {p} is a folder; give a file path such as {p / 'results.csv'}")
