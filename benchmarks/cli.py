@@ -335,13 +335,17 @@ def main(argv: list[str] | None = None) -> None:
         print(f"nftbench: error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
+        interrupted = True  # exit below, once the interrupted frames (and their worker queues) are released
+    else:
+        interrupted = False
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if interrupted:
         resume = getattr(args, "resume", None) or (
             f"finished victims stay cached in {Path(args.runs_dir) / 'victims'}; run the same command again to go on"
             if hasattr(args, "runs_dir") else "nothing was left half-written; run the same command again")
         print(f"\nnftbench: interrupted; {resume}", file=sys.stderr)
         sys.exit(130)
-    finally:
-        signal.signal(signal.SIGINT, previous)
 
 
 if __name__ == "__main__":

@@ -2,9 +2,11 @@
 
 A sweep is planned, validated and then executed:
 
-1. **Load and validate** (``load_sweep`` + ``expand``): unknown keys, unknown names, defence options that do
-   not exist and out-of-range values (``nft: {steps: -1}``, ``poison_rate: 2``) are collected into one
-   :class:`SweepConfigError` that names each fix, before any work starts.
+1. **Load and validate** (``load_sweep`` + ``expand``): unknown keys, unknown names, options that do not exist,
+   values of the wrong type or range (``nft: {steps: -1}``, ``mixup: maybe``, ``poison_rate: 2``, a model
+   ``width: -1``), attacks or budgets the task cannot take (``benchmarks.validate``) and a ``name`` that is not a
+   plain folder name are collected into one :class:`SweepConfigError` that names each fix, before any work
+   starts; planning adds what needs the data (an attack ``target`` the dataset has no class for).
 2. **Plan** (``plan_sweep``): each cell is resolved to its run config (``benchmarks.run.run_config``) and its
    run id, the hash of that config. A cell whose record ``<out>/records/<run_id>.json`` exists with
    ``status: ok`` is done and is skipped; so is one whose ``ok`` record sits in a ``--reuse`` folder (another
@@ -22,7 +24,9 @@ A sweep is planned, validated and then executed:
    (the grid's cells).
 
 Each cell's stdout, stderr and logging go to ``<out>/logs/<run_id>.log``. A sweep killed at any point
-(even SIGKILL) is resumed by running it again: finished cells are skipped, the interrupted one reruns.
+(even SIGKILL) is resumed by running it again: finished cells are skipped, the interrupted one reruns. A cell is
+claimed before it runs (``execute_cell``), so sweeps of one grid running at once into one folder run each cell
+once, each cell's log holding one process's output.
 """
 
 from __future__ import annotations
@@ -686,8 +690,9 @@ def quiet() -> bool:
     return victims_quiet()
 
 
-def _init_worker(slots: Any, gpus: list[str], threads: int) -> None:
+def _init_worker(slots: Any, gpus: list[str], threads: int, bar_lock: Any) -> None:
     """Runs once in each spawned worker: take a slot, pin its GPU, size its CPU threads, open its progress line."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the driver's: it stops the workers (run_local)
     slot = slots.get()
     if gpus:
         os.environ["CUDA_VISIBLE_DEVICES"] = gpus[slot % len(gpus)]
@@ -695,7 +700,7 @@ def _init_worker(slots: Any, gpus: list[str], threads: int) -> None:
     from tqdm.auto import tqdm
 
     torch.set_num_threads(threads)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the driver's: it stops the workers (run_local)
+    tqdm.set_lock(bar_lock)  # the driver's: a worker stopped mid-cell leaves no lock of its own behind
     _WORKER["slot"] = slot
     _WORKER["bar"] = tqdm(desc=f"worker {slot}", position=slot + 1, unit="cell", disable=quiet(), leave=False,
                           file=sys.stderr, dynamic_ncols=True)
@@ -799,7 +804,7 @@ def run_local(todo: list[Cell], paths: Paths, out: Path, workers: int, collect: 
     threads = max(1, (os.cpu_count() or 1) // workers)
     total = tqdm(total=len(todo), desc="sweep", position=0, unit="cell", disable=quiet(), dynamic_ncols=True)
     with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker,
-                             initargs=(slots, gpus, threads)) as pool:
+                             initargs=(slots, gpus, threads, ctx.RLock())) as pool:
         try:
             pending = {pool.submit(_worker_cell, cell, wpaths, str(out), False): cell for cell in todo}
             while pending:

@@ -196,7 +196,12 @@ def load_tokenizer(path: Path):
     if not path.is_file():
         raise DatasetNotFoundError(f"tokenizer {path} not found; a pretrained model folder needs its tokenizer.json "
                                    "(a `tokenizers` tokenizer) next to config.json and model.safetensors")
-    return Tokenizer.from_file(str(path)), hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+    try:
+        tokenizer = Tokenizer.from_file(str(path))
+    except Exception as e:  # noqa: BLE001  (tokenizers raises a bare Exception for a malformed file)
+        raise ValueError(f"tokenizer {path} is not a `tokenizers` tokenizer file ({e}); copy the checkpoint's "
+                         "tokenizer.json again") from None
+    return tokenizer, hashlib.sha256(path.read_bytes()).hexdigest()[:16]
 
 
 def encode(tokenizer, texts: list[str], eos_id: int, max_len: int) -> TokenRows:

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from safetensors.torch import save_file
 
 from benchmarks.checkpoint import save_checkpoint
 from benchmarks.cli import main
@@ -228,6 +229,10 @@ def bad(tmp_path_factory):
     for name, text in (("config.json", '{"model_type": "marian"}'), ("tokenizer.json", "{}"),
                        ("model.safetensors", "not safetensors")):
         (d / "fake-marian" / name).write_text(text)
+    (d / "bad-tokenizer").mkdir()
+    (d / "bad-tokenizer" / "config.json").write_text('{"model_type": "marian"}')
+    (d / "bad-tokenizer" / "tokenizer.json").write_text("{}")
+    save_file({"w": torch.zeros(1)}, str(d / "bad-tokenizer" / "model.safetensors"))
     (d / "evil.yaml").write_text("train: !!python/object/apply:os.system ['touch PWNED']\nnames: [a]\nval: x\n")
     return d
 
@@ -262,6 +267,8 @@ BAD_RUNS = [  # (arguments after `nftbench run ...`, what the one line says)
     (["--task", "translation", "--model-param", "pretrained={bad}/empty"], "lacks config.json, tokenizer.json"),
     (["--task", "translation", "--model-param", "pretrained={bad}/config-only"], "lacks tokenizer.json"),
     (["--task", "translation", "--model-param", "pretrained={bad}/fake-marian"], "is not a safetensors file"),
+    (["--task", "translation", "--model-param", "pretrained={bad}/bad-tokenizer"],
+     "tokenizer.json is not a `tokenizers` tokenizer file"),
     (["--task", "detection", "--dataset", "{bad}/evil.yaml", "--attack", "none"],
      "evil.yaml is not a plain YAML dataset file"),
 ]
