@@ -201,6 +201,7 @@ def cmd_cache(args: argparse.Namespace) -> None:
         if not entries:
             print(f"no decoded datasets under {Path(args.runs_dir) / 'datasets'}")
         return
+    check_write_path(Path(args.runs_dir) / "datasets", "--runs-dir", kind="folder")
     removed = clean_caches(args.runs_dir, everything=args.all)
     for e in removed:
         print(f"removed {e.path} ({e.state})")
@@ -306,7 +307,6 @@ WRITE_PATHS = {
     "sweep": [("runs_dir", "--runs-dir", "folder"), ("out", "--out", "folder")],
     "leaderboard": [("out", "--out", "folder")],
     "perf": [("runs_dir", "--runs-dir", "folder"), ("json", "--json", "file")],
-    "cache": [("runs_dir", "--runs-dir", "folder")],
 }
 # Errors that are the input's or the environment's: one line naming the value or file and the fix, exit 2.
 INPUT_ERRORS = (KeyError, ValueError, OSError, RuntimeError, FloatingPointError, pickle.UnpicklingError,
