@@ -23,31 +23,34 @@ SET_BY_TASK = {"num_classes", "in_channels"}  # model factory arguments the task
 POSITIVE = ("width",)  # size multipliers: 0 or less builds a degenerate network that still trains
 
 
-def model_factory(task: str, dataset: str, model: str | None, scale: str) -> Callable[..., Any] | None:
-    """The registered factory the task would build (image and point-cloud models); None for the other tasks."""
+def model_factory(task: str, dataset: str, model: str | None, scale: str) -> tuple[str, Callable[..., Any] | None]:
+    """The name and registered factory of the model the task would build (image and point-cloud models; no factory
+    for the other tasks)."""
     if task == "image":
         from tasks.image_classification import DEFAULT_MODELS
         from tasks.image_models import IMAGE_MODELS
 
-        return IMAGE_MODELS.get(model or DEFAULT_MODELS.get((dataset, scale), "resnet-quick"))
+        name = model or DEFAULT_MODELS.get((dataset, scale), "resnet-quick")
+        return name, IMAGE_MODELS.get(name)
     if task == "pointcloud":
         from tasks.point_cloud import DEFAULT_MODELS
         from tasks.point_models import POINTCLOUD_MODELS
 
-        return POINTCLOUD_MODELS.get(model or DEFAULT_MODELS.get((dataset, scale), "pointnet-small"))
-    return None
+        name = model or DEFAULT_MODELS.get((dataset, scale), "pointnet-small")
+        return name, POINTCLOUD_MODELS.get(name)
+    return model or "default", None
 
 
 def model_problems(task: str, dataset: str, model: str | None, scale: str, params: dict[str, Any]) -> list[str]:
     """Unknown model options, values of the wrong type or range, and ``pretrained`` files that cannot be loaded."""
     if not params:
         return []
-    label = f"model {model or 'default'} ({task}, {dataset})"
-    if task in ("image", "pointcloud"):
-        try:
-            factory = model_factory(task, dataset, model, scale)
-        except KeyError:
-            return []  # the unknown model name is reported by its own check
+    try:
+        name, factory = model_factory(task, dataset, model, scale)
+    except KeyError:
+        return []  # the unknown model name is reported by its own check
+    label = f"model {name} ({task}, {dataset})"
+    if factory is not None:
         signature = inspect.signature(factory)
         hints = get_type_hints(factory)
         valid = {n: hints.get(n) for n, p in signature.parameters.items()
@@ -76,6 +79,8 @@ def model_problems(task: str, dataset: str, model: str | None, scale: str, param
                             f"got {value!r}")
         elif key in POSITIVE and number <= 0:
             problems.append(f"{label}: option {key!r} must be > 0, got {value!r}")
+        elif ("dropout" in key or "layerdrop" in key) and isinstance(number, float) and not 0 <= number < 1:
+            problems.append(f"{label}: option {key!r} must be in [0, 1), got {value!r}")
         elif task == "translation" and key != "pretrained" and isinstance(value, int | float):
             problems += translation_range(label, key, value)
     if isinstance(params.get("pretrained"), str) and not problems:
@@ -84,12 +89,12 @@ def model_problems(task: str, dataset: str, model: str | None, scale: str, param
 
 
 def translation_range(label: str, key: str, value: float) -> list[str]:
+    """Sizes of a Marian config (layers, widths, heads, vocabulary) are whole numbers >= 1; dropouts: [0, 1)."""
     if any(key.endswith(s) for s in ("_layers", "d_model", "_heads", "_ffn_dim", "vocab_size", "_embeddings")):
         if isinstance(value, bool) or value != int(value) or value < 1:
             return [f"{label}: option {key!r} must be a whole number >= 1, got {value!r}"]
-    if "dropout" in key or "layerdrop" in key:
-        if not 0 <= value < 1:
-            return [f"{label}: option {key!r} must be in [0, 1), got {value!r}"]
+    if ("dropout" in key or "layerdrop" in key) and not 0 <= value < 1:
+        return [f"{label}: option {key!r} must be in [0, 1), got {value!r}"]
     return []
 
 

@@ -158,6 +158,25 @@ def test_two_sweep_processes_on_one_grid_run_each_cell_once(tmp_path, runs):
     assert len(list(csv.DictReader((out / "results.csv").open()))) == 6
 
 
+def test_failed_cells_say_whether_to_fix_or_to_retry(tmp_path, runs, monkeypatch, capsys):
+    import benchmarks.run as run_mod
+
+    errors = iter([ValueError("poison_rate 0.9 asks for too many samples"), OSError("No space left on device")])
+
+    def failing(*args, **kwargs):
+        raise next(errors)
+
+    monkeypatch.setattr(run_mod, "get_victim", failing)
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as e:
+        main(["sweep", str(grid_file(tmp_path)), "--out", str(out), "--runs-dir", str(runs), "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and "2 cell(s) failed" in err and "1 need the config or data fixed first" in err
+    assert "1 failed for a passing reason (memory, a lost worker): rerun the same command to retry them" in err
+    table = (out / "table.md").read_text()
+    assert "[fix] digits badnets none" in table and "[retry] digits badnets nft" in table
+
+
 # ------------------------------------------------------------------------------------------- dataset caches
 def fake_cifar(root: Path, value: int) -> Path:
     """A CIFAR-10 ImageFolder copy with two 32x32 images per class and split, all pixels ``value``."""
