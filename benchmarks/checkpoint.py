@@ -21,8 +21,12 @@ class CheckpointError(ValueError):
 def atomic_write_text(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a failed write leaves neither a half-written file nor a stray temporary
+        raise
 
 
 def save_checkpoint(directory: str | os.PathLike, model: nn.Module, sidecar: dict[str, Any],

@@ -6,26 +6,34 @@ import argparse
 import importlib
 import json
 import pickle
+import signal
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import yaml
+
 from benchmarks import byo_args
+from benchmarks.interrupts import INTERRUPTED, interrupt_handler
 
 if TYPE_CHECKING:  # torch, the tasks and the defences load only when a command needs them (fast --help, list)
     from benchmarks.run import Paths
     from tasks import CleanBudget
 
 
-def parse_params(items: list[str] | None) -> dict[str, Any]:
-    import yaml
-
+def parse_params(items: list[str] | None, flag: str = "--set") -> dict[str, Any]:
+    """``KEY=VALUE`` items, each value read as plain YAML (a number, true/false, a string, a [list])."""
     out = {}
     for item in items or []:
         if "=" not in item:
-            raise ValueError(f"expected key=value, got {item!r}")
+            raise ValueError(f"{flag} expects KEY=VALUE, got {item!r}")
         key, value = item.split("=", 1)
-        out[key.strip().replace("-", "_")] = yaml.safe_load(value)
+        try:
+            out[key.strip().replace("-", "_")] = yaml.safe_load(value)
+        except yaml.YAMLError as e:  # a syntax error, or a tag (!!python/...) that safe_load refuses
+            problem = str(e).splitlines()[0]
+            raise ValueError(f"{flag} {item!r}: {value!r} is not a plain YAML value ({problem}); give a number, "
+                             "true/false, a string (quote it if it has : [ ] { } or #) or a [list]") from None
     return out
 
 
@@ -44,10 +52,10 @@ def add_victim_args(p: argparse.ArgumentParser) -> None:
                    "pointcloud: procedural)")
     p.add_argument("--model", default=None, help="default: the dataset's model for --scale")
     p.add_argument("--model-param", action="append", metavar="KEY=VALUE",
-                   help="model option, repeatable (e.g. width=0.5, pretrained=/path/resnet50.pth)")
+                   help="model option, repeatable (e.g. width=0.5, pretrained=/path/resnet50.safetensors)")
     p.add_argument("--scale", default="quick", choices=["quick", "fast", "paper"],
-                   help="quick: CPU minutes; fast: airbench (image, 32x32 data), ~94%% CIFAR-10 on a CPU in under an "
-                   "hour; paper: the paper's models and recipes")
+                   help="quick: CPU minutes; fast: airbench (image, 32x32 data), a paper-grade CIFAR-10 model on a CPU "
+                   "in under an hour; paper: the paper's models and recipes")
     p.add_argument("--attack", default=None, help="a registered attack of the task's modality, or 'none' for a "
                    "benign model (default: image badnets, pointcloud pointba-i)")
     p.add_argument("--poison-rate", type=float, default=None)
@@ -64,7 +72,7 @@ def add_budget_args(p: argparse.ArgumentParser) -> None:
 
 
 def attack_params(args: argparse.Namespace) -> dict[str, Any]:
-    params = parse_params(args.attack_param)
+    params = parse_params(args.attack_param, "--attack-param")
     if args.poison_rate is not None:
         params["poison_rate"] = args.poison_rate
     if args.target is not None:
@@ -101,13 +109,18 @@ def cmd_list(args: argparse.Namespace) -> None:
 
 def cmd_train_victim(args: argparse.Namespace) -> None:
     from attacks import create_attack
+    from benchmarks.validate import attack_class_problems, raise_problems, run_problems
     from benchmarks.victims import get_victim
     from tasks import create_task
 
-    attack = None if args.attack == "none" else create_attack(args.attack, seed=args.seed, **attack_params(args))
-    task = create_task(args.task, dataset=args.dataset, model=args.model, model_kwargs=parse_params(args.model_param),
+    model_kwargs = parse_params(args.model_param, "--model-param")
+    attack_name = None if args.attack == "none" else args.attack
+    attack = None if attack_name is None else create_attack(attack_name, seed=args.seed, **attack_params(args))
+    raise_problems(run_problems(args.task, args.dataset, args.model, args.scale, model_kwargs, attack_name, None))
+    task = create_task(args.task, dataset=args.dataset, model=args.model, model_kwargs=model_kwargs,
                        scale=args.scale, data_root=args.data_root, cache_dir=args.runs_dir, device=args.device,
                        download=args.download)
+    raise_problems(attack_class_problems(task, attack))
     _, meta, d = get_victim(task, attack, args.seed, args.runs_dir)
     m = meta["metrics"]
     print(json.dumps({"victim": str(d), **m, "train_time_s": round(meta["train_time_s"], 1)}, indent=1))
@@ -118,13 +131,15 @@ def cmd_purify(args: argparse.Namespace) -> None:
     if args.model is not None or args.weights is not None or args.clean_data is not None:
         from benchmarks.byo import purify_from_args
 
-        record, out = purify_from_args(args, parse_params(args.set), parse_params(args.model_param))
+        record, out = purify_from_args(args, parse_params(args.set), parse_params(args.model_param, "--model-param"))
     elif args.victim is None:
         raise ValueError("purify needs --victim DIR (a suite victim) or --model, --weights and --clean-data")
     else:
         from benchmarks.records import append_csv_row, labelled_row, write_record
         from benchmarks.run import purify_victim
+        from tasks.fileio import check_write_path
 
+        check_write_path(Path(args.victim) / "purified", "--victim", kind="folder")
         record, out = purify_victim(args.victim, args.defense, parse_params(args.set), budget_of(args), args.seed,
                                     paths_of(args))
         write_record(Path(args.runs_dir) / "records" / f"{record['run_id']}.json", record)
@@ -136,7 +151,7 @@ def cmd_run(args: argparse.Namespace) -> None:
     from benchmarks.run import RunConfig, run_once
 
     cfg = RunConfig(task=args.task, dataset=args.dataset, model=args.model,
-                    model_kwargs=parse_params(args.model_param), scale=args.scale,
+                    model_kwargs=parse_params(args.model_param, "--model-param"), scale=args.scale,
                     attack=None if args.attack == "none" else args.attack, attack_params=attack_params(args),
                     defense=args.defense, defense_params=parse_params(args.set), seed=args.seed,
                     val_frac=args.val_frac if args.val_frac is not None else 0.01, per_class=args.per_class)
@@ -187,15 +202,45 @@ def cmd_bench(args: argparse.Namespace) -> None:
 
 def cmd_sweep(args: argparse.Namespace) -> None:
     from benchmarks.sweep import run_sweep
+    from tasks.fileio import check_write_path
 
     grid = grid_with_seed(args.config, args.seed)
-    out = Path(args.out or Path("results") / grid["name"])
+    out = Path(args.out or Path("results") / grid["name"])  # a grid's name is a plain folder name (load_sweep)
+    check_write_path(out, "--out" if args.out else f"results/<name> of {args.config}", kind="folder")
+    args.resume = (f"finished cells are kept in {out / 'records'}; run the same command again to resume (cells "
+                   "that were running rerun)")
     result = run_sweep(grid, out, paths_of(args), executor=args.executor, workers=args.workers,
                        address=args.address, dry_run=args.dry_run, reuse=args.reuse or (), only=args.only or ())
     if not args.dry_run and result.failed:
-        print(f"nftbench: {result.failed} cell(s) failed (status error in {out / 'results.csv'}; logs in "
-              f"{out / 'logs'}); rerun the same command to retry them", file=sys.stderr)
+        fix, retry = result.to_fix, result.failed - result.to_fix
+        advice = []
+        if fix:
+            advice.append(f"{fix} need the config or data fixed first (rerunning alone fails the same way)")
+        if retry:
+            advice.append(f"{retry} failed for a passing reason (memory, a lost worker): rerun the same command "
+                          "to retry them")
+        print(f"nftbench: {result.failed} cell(s) failed (errors in {out / 'table.md'}, logs in {out / 'logs'}): "
+              f"{'; '.join(advice)}", file=sys.stderr)
         sys.exit(1)
+
+
+def cmd_cache(args: argparse.Namespace) -> None:
+    from tasks.data_cache import clean_caches, list_caches
+    from tasks.fileio import check_write_path
+
+    if args.action == "ls":
+        entries = list_caches(args.runs_dir)
+        for e in entries:
+            print(f"{e.size_bytes / 2**20:9.1f} MiB  {e.path.name:40s}  {e.state}  {e.source}".rstrip())
+        if not entries:
+            print(f"no decoded datasets under {Path(args.runs_dir) / 'datasets'}")
+        return
+    check_write_path(Path(args.runs_dir) / "datasets", "--runs-dir", kind="folder")
+    removed = clean_caches(args.runs_dir, everything=args.all)
+    for e in removed:
+        print(f"removed {e.path} ({e.state})")
+    print(f"{len(removed)} cache(s) removed ({sum(e.size_bytes for e in removed) / 2**20:.1f} MiB); "
+          "victims and records are kept")
 
 
 def cmd_leaderboard(args: argparse.Namespace) -> None:
@@ -272,6 +317,15 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     add_common(p)
     p.set_defaults(fn=cmd_sweep, seed=None)
 
+    p = sub.add_parser("cache", help="list or remove decoded-dataset caches (runs/datasets)",
+                       description="Decoded datasets are cached per data root and checked against their source "
+                       "files (tasks/data_cache.py). ls: every cache, its size and state; clean: remove the stale "
+                       "and incomplete ones (--all: every one). Victims and records are never touched.")
+    p.add_argument("action", choices=["ls", "clean"])
+    p.add_argument("--runs-dir", default="runs", help="the runs folder holding datasets/ (default: runs)")
+    p.add_argument("--all", action="store_true", help="clean: remove every decoded dataset, not only stale ones")
+    p.set_defaults(fn=cmd_cache)
+
     # leaderboard (pandas) and perf (torch) build their options only when named, so `nftbench --help` stays fast
     command = next((a for a in (sys.argv[1:] if argv is None else argv) if not a.startswith("-")), None)
     for name, fn, help_text in (
@@ -290,9 +344,38 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+# Paths each command writes, checked before any work: (argument, flag, file | folder).
+WRITE_PATHS = {
+    "train-victim": [("runs_dir", "--runs-dir", "folder")],
+    "purify": [("runs_dir", "--runs-dir", "folder")],
+    "run": [("runs_dir", "--runs-dir", "folder"), ("results", "--results", "file")],
+    "bench": [("runs_dir", "--runs-dir", "folder"), ("out", "--out", "folder")],
+    "sweep": [("runs_dir", "--runs-dir", "folder"), ("out", "--out", "folder")],
+    "leaderboard": [("out", "--out", "folder")],
+    "perf": [("runs_dir", "--runs-dir", "folder"), ("json", "--json", "file")],
+}
+# Errors that are the input's or the environment's: one line naming the value or file and the fix, exit 2.
+INPUT_ERRORS = (KeyError, ValueError, OSError, RuntimeError, FloatingPointError, pickle.UnpicklingError,
+                yaml.YAMLError)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = build_parser(argv).parse_args(argv)
+    previous = signal.getsignal(signal.SIGINT)
+    if previous is signal.default_int_handler:  # not where SIGINT is ignored (a background job)
+        signal.signal(signal.SIGINT, interrupt_handler)
+    INTERRUPTED.clear()
     try:
+        if args.command in WRITE_PATHS:
+            from tasks.fileio import check_write_path
+
+            for attr, flag, kind in WRITE_PATHS[args.command]:
+                if getattr(args, attr, None) is not None:
+                    check_write_path(getattr(args, attr), flag, kind)
+        if args.command == "run":
+            from benchmarks.records import read_results_csv
+
+            read_results_csv(args.results)  # another program's file is refused now, not after the run
         if getattr(args, "task", None) is not None and hasattr(args, "dataset"):
             from tasks import TASKS
 
@@ -301,9 +384,21 @@ def main(argv: list[str] | None = None) -> None:
             if hasattr(args, "attack"):
                 args.attack = args.attack or task_cls.default_attack
         args.fn(args)
-    except (KeyError, ValueError, FileNotFoundError, RuntimeError, FloatingPointError, pickle.UnpicklingError) as e:
+    except INPUT_ERRORS as e:
         print(f"nftbench: error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        interrupted = True  # exit below, once the interrupted frames (and their worker queues) are released
+    else:
+        interrupted = False
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if interrupted:
+        resume = getattr(args, "resume", None) or (
+            f"finished victims stay cached in {Path(args.runs_dir) / 'victims'}; run the same command again to go on"
+            if hasattr(args, "runs_dir") else "nothing was left half-written; run the same command again")
+        print(f"\nnftbench: interrupted; {resume}", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

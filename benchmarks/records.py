@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.checkpoint import atomic_write_text
+from tasks.fileio import file_lock
 
 
 def params_label(name: str, params: dict[str, Any]) -> str:
@@ -113,16 +114,39 @@ def labelled_row(record: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
-def append_csv_row(path: str | os.PathLike, row: dict[str, Any]) -> None:
-    """Add (or replace, by run_id) one row; the file is rewritten atomically so it is never half-written."""
+class ResultsFileError(ValueError):
+    """A results CSV that is not nftbench's: it is never overwritten."""
+
+
+def read_results_csv(path: str | os.PathLike) -> list[dict[str, str]]:
+    """The rows of an nftbench results CSV (none if it is missing or empty). Any other file (its header is not
+    nftbench's columns, or an earlier subset of them) is refused, so a results path never destroys a user's file."""
     p = Path(path)
-    rows = []
-    if p.is_file():
+    if not p.is_file() or p.stat().st_size == 0:
+        return []
+    try:
         with open(p, newline="") as f:
-            rows = [r for r in csv.DictReader(f) if r.get("run_id") != row["run_id"]]
-    rows.append({k: ("" if row.get(k) is None else row.get(k)) for k in CSV_COLUMNS})
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, extrasaction="ignore")
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write_text(p, buf.getvalue())
+            reader = csv.DictReader(f)
+            header = reader.fieldnames or []
+            if "run_id" not in header or not set(header) <= set(CSV_COLUMNS):
+                raise ResultsFileError(f"{p} is not an nftbench results CSV (its columns are {header[:5]}...); it was "
+                                       "left untouched: give --results a new file or an nftbench results CSV")
+            return list(reader)
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise ResultsFileError(f"{p} is not an nftbench results CSV ({e}); it was left untouched: give --results a "
+                               "new file or an nftbench results CSV") from None
+
+
+def append_csv_row(path: str | os.PathLike, row: dict[str, Any]) -> None:
+    """Add (or replace, by run_id) one row. The read-modify-write holds a lock (``.<name>.lock`` beside the file), so
+    concurrent writers never drop each other's rows, and the file is replaced atomically, so it is never
+    half-written. A file that is not an nftbench results CSV is refused (:func:`read_results_csv`)."""
+    p = Path(path)
+    with file_lock(p.with_name(f".{p.name}.lock")):
+        rows = [r for r in read_results_csv(p) if r.get("run_id") != row["run_id"]]
+        rows.append({k: ("" if row.get(k) is None else row.get(k)) for k in CSV_COLUMNS})
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, extrasaction="ignore", restval="")
+        writer.writeheader()
+        writer.writerows(rows)
+        atomic_write_text(p, buf.getvalue())

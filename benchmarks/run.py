@@ -14,20 +14,26 @@ from torch import nn
 
 from attacks import Attack, create_attack
 from benchmarks.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from benchmarks.interrupts import INTERRUPTED
 from benchmarks.records import (
     append_csv_row,
     config_hash,
     der,
     device_name,
     labelled_row,
+    read_results_csv,
     versions,
     write_record,
 )
+from benchmarks.validate import attack_class_problems, budget_problems, raise_problems, run_problems
 from benchmarks.victims import get_victim, load_attack_artifacts
 from defenses import DEFENSES, purify
 from tasks import CleanBudget, Task, create_task
+from tasks.fileio import check_write_path
 
 
+# Set by the CLI's Ctrl-C handler. A Ctrl-C that lands inside a library's native code can come back as that library's
+# error (safetensors reports a "corrupt" file); checking this flag keeps it an interruption, never a failed run.
 @dataclass
 class RunConfig:
     """Everything that defines a run; the hash of its resolved form is the run id."""
@@ -91,6 +97,8 @@ def defend(task: Task, attack: Attack | None, model: nn.Module, victim: dict[str
         if before["asr"] is not None:
             record["der"] = der(before["clean_acc"], after["clean_acc"], before["asr"], after["asr"])
     except Exception as e:  # noqa: BLE001  (recorded: the record says what failed and where)
+        if INTERRUPTED.is_set():
+            raise KeyboardInterrupt from e
         record.update(status="error", error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc(limit=8))
         purified = None
     record["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
@@ -105,10 +113,17 @@ def run_once(cfg: RunConfig, paths: Paths, results_csv: str | os.PathLike | None
     """
     budget = cfg.budget()
     DEFENSES.get(cfg.defense).make_config(cfg.defense_params)  # bad names/options fail before any work
+    raise_problems(run_problems(cfg.task, cfg.dataset, cfg.model, cfg.scale, cfg.model_kwargs, cfg.attack, budget))
+    if results_csv is not None:  # a path that cannot take the row fails now, not after the run
+        check_write_path(results_csv, "results CSV")
+        read_results_csv(results_csv)
+    if records_dir is not None:
+        check_write_path(records_dir, "records folder", kind="folder")
     attack = create_attack(cfg.attack, seed=cfg.seed, **cfg.attack_params) if cfg.attack else None
     task = create_task(cfg.task, dataset=cfg.dataset, model=cfg.model, model_kwargs=cfg.model_kwargs, scale=cfg.scale,
                        data_root=paths.data_root, cache_dir=paths.runs_dir, device=paths.device,
                        download=paths.download)
+    raise_problems(attack_class_problems(task, attack))
     done = None
     if records_dir is not None:
         run_id = config_hash(run_config(task, attack, cfg.defense, cfg.defense_params, budget, cfg.seed))
@@ -156,6 +171,7 @@ def purify_victim(victim_dir: str | os.PathLike, defense: str, defense_params: d
     """Purify a saved victim; write ``<victim>/purified/<run_id>/{model.safetensors, record.json}``."""
     DEFENSES.get(defense).make_config(defense_params)
     task, attack, model, meta = load_victim(victim_dir, paths)
+    raise_problems(budget_problems(task.name, budget))
     record, purified = defend(task, attack, model, meta, defense, defense_params, budget, seed)
     out = Path(victim_dir) / "purified" / record["run_id"]
     if purified is not None:

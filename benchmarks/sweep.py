@@ -2,9 +2,11 @@
 
 A sweep is planned, validated and then executed:
 
-1. **Load and validate** (``load_sweep`` + ``expand``): unknown keys, unknown names, defence options that do
-   not exist and out-of-range values (``nft: {steps: -1}``, ``poison_rate: 2``) are collected into one
-   :class:`SweepConfigError` that names each fix, before any work starts.
+1. **Load and validate** (``load_sweep`` + ``expand``): unknown keys, unknown names, options that do not exist,
+   values of the wrong type or range (``nft: {steps: -1}``, ``mixup: maybe``, ``poison_rate: 2``, a model
+   ``width: -1``), attacks or budgets the task cannot take (``benchmarks.validate``) and a ``name`` that is not a
+   plain folder name are collected into one :class:`SweepConfigError` that names each fix, before any work
+   starts; planning adds what needs the data (an attack ``target`` the dataset has no class for).
 2. **Plan** (``plan_sweep``): each cell is resolved to its run config (``benchmarks.run.run_config``) and its
    run id, the hash of that config. A cell whose record ``<out>/records/<run_id>.json`` exists with
    ``status: ok`` is done and is skipped; so is one whose ``ok`` record sits in a ``--reuse`` folder (another
@@ -22,7 +24,9 @@ A sweep is planned, validated and then executed:
    (the grid's cells).
 
 Each cell's stdout, stderr and logging go to ``<out>/logs/<run_id>.log``. A sweep killed at any point
-(even SIGKILL) is resumed by running it again: finished cells are skipped, the interrupted one reruns.
+(even SIGKILL) is resumed by running it again: finished cells are skipped, the interrupted one reruns. A cell is
+claimed before it runs (``execute_cell``), so sweeps of one grid running at once into one folder run each cell
+once, each cell's log holding one process's output.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ import json
 import logging
 import os
 import re
+import signal
 import sys
 import time
 import traceback
@@ -44,14 +49,17 @@ from typing import Any
 import yaml
 
 from benchmarks.checkpoint import atomic_write_text
+from benchmarks.interrupts import INTERRUPTED
 from benchmarks.records import CSV_COLUMNS, config_hash, labelled_row, params_label, versions, write_record
 from benchmarks.run import Paths, RunConfig, run_config, run_once
+from benchmarks.validate import attack_class_problems, attack_problems, budget_problems, model_problems
+from tasks.fileio import file_lock
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 
 # Keys of a sweep file. Singular ``task``/``model`` are the older preset format; both spellings work.
 SWEEP_KEYS = {
-    "name": "a label for the table",
+    "name": "a label for the table and the output folder's name (results/<name>): letters, digits, . _ + = -",
     "description": "free text printed above the table",
     "task": "one task name (default: image)", "tasks": "a list of task names",
     "scale": "quick | fast | paper (default: quick)",
@@ -102,6 +110,9 @@ DEFENSE_COST_FACTOR = {"none": 0.05, "nft": 1.0, "ft": 1.0, "fine-pruning": 1.5,
                        "clp": 0.1, "ft-sam": 3.4, "fst": 0.1, "nad": 0.2, "rnp": 0.2, "awm": 1.5, "sau": 7.6}
 
 
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+=-]{0,99}")
+
+
 class SweepConfigError(ValueError):
     """A sweep file that cannot run as written; the message lists every problem and its fix."""
 
@@ -129,7 +140,7 @@ def load_sweep(config: str | os.PathLike) -> dict[str, Any]:
         raise SweepConfigError(f"{path}: expected a mapping of keys ({', '.join(SWEEP_KEYS)}), "
                                f"got {type(grid).__name__}")
     grid = dict(grid)
-    grid.setdefault("name", path.stem)
+    grid.setdefault("name", re.sub(r"[^A-Za-z0-9._+=-]", "-", path.stem).lstrip(".-_+=") or "sweep")
     grid["_source"] = str(path)
     expand(grid)  # validates
     return grid
@@ -170,6 +181,11 @@ def expand(grid: dict[str, Any]) -> list[RunConfig]:
 
     source = grid.get("_source", "sweep")
     problems: list[str] = []
+    name = grid.get("name", "sweep")
+    if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
+        problems.append(f"name: {name!r} is not a folder name (1-100 letters, digits, . _ + = -, starting with a "
+                        "letter or digit): it names the output folder results/<name>, so a path is refused; give a "
+                        "plain name, and --out to write elsewhere")
     unknown = sorted(set(grid) - set(SWEEP_KEYS) - {"_source"})
     for k in unknown:
         import difflib
@@ -289,6 +305,7 @@ def expand(grid: dict[str, Any]) -> list[RunConfig]:
     for m in model_params:
         if m not in models:
             problems.append(f"model_params: {m!r} is not one of the grid's models ({models}); remove it or add it")
+    problems += fit_problems(tasks, [*datasets, *optional], scale, model_specs, model_params, attacks, budgets)
 
     if problems:
         lines = "\n".join(f"  - {p}" for p in problems)
@@ -306,6 +323,28 @@ def expand(grid: dict[str, Any]) -> list[RunConfig]:
             val_frac=budget.get("val_frac"), per_class=budget.get("per_class"), seed=seed,
         ))
     return out
+
+
+def fit_problems(tasks: list[str], datasets: list[str], scale: str, model_specs: list[tuple[str | None, dict]],
+                 model_params: dict[str, dict], attacks: list[tuple[str | None, dict]], budgets: list[dict]
+                 ) -> list[str]:
+    """What every task of the grid must accept of its models' options, attacks and budgets (``benchmarks.validate``;
+    no data needed), each problem once."""
+    from tasks import TASKS, CleanBudget
+
+    problems: list[str] = []
+    for task in tasks:
+        if task not in TASKS:
+            continue
+        for dataset, (model, options) in itertools.product(datasets, model_specs):
+            kwargs = {**model_params.get(model, {}), **options}
+            problems += model_problems(task, dataset, model, scale, kwargs)
+        for name, _ in attacks:
+            problems += attack_problems(task, name)
+        for b in budgets:
+            problems += [f"budgets {b}: {p}" for p in budget_problems(
+                task, CleanBudget(fraction=b.get("val_frac"), per_class=b.get("per_class")))]
+    return list(dict.fromkeys(problems))
 
 
 def grid_data_root(grid: dict[str, Any], paths: Paths) -> Paths:
@@ -434,6 +473,7 @@ def plan_sweep(grid: dict[str, Any], out: Path, paths: Paths, log: Callable[[str
     cells: list[Cell] = []
     seen: set[str] = set()
     duplicates = 0
+    problems: list[str] = []  # found only once the data is loaded (a target class the dataset lacks)
     for cfg in cfgs:
         if cfg.dataset in missing_optional:
             continue
@@ -455,6 +495,7 @@ def plan_sweep(grid: dict[str, Any], out: Path, paths: Paths, log: Callable[[str
                         error=f"{type(task).__name__}: {task}")
         else:
             attack = create_attack(cfg.attack, seed=cfg.seed, **cfg.attack_params) if cfg.attack else None
+            problems += [f"{cfg.dataset}: {p}" for p in attack_class_problems(task, attack)]
             config = run_config(task, attack, cfg.defense, cfg.defense_params, cfg.budget(), cfg.seed)
             vd = victim_dir(paths.runs_dir, victim_config(task, attack, cfg.seed))
             cell = Cell(cfg, config_hash(config), config, victim_id=vd.name,
@@ -471,6 +512,11 @@ def plan_sweep(grid: dict[str, Any], out: Path, paths: Paths, log: Callable[[str
             cell.status = "reuse" if cell.source else cell.status
         cells.append(cell)
     tasks.clear()
+    if problems:
+        problems = list(dict.fromkeys(problems))
+        lines = "\n".join(f"  - {p}" for p in problems)
+        raise SweepConfigError(f"{grid.get('_source', 'sweep')}: {len(problems)} problem(s); fix them and run again "
+                               f"(nothing was run):\n{lines}")
     notes = [f"optional dataset {d} not found, skipped" for d in missing_optional]
     return Plan(grid.get("name", "sweep"), str(grid.get("description") or "").strip(), cells, notes, duplicates)
 
@@ -588,8 +634,24 @@ def error_record(cell: Cell, error: str, tb: str | None = None) -> dict[str, Any
     return record
 
 
-def execute_cell(cell: Cell, paths: Paths, out: Path) -> dict[str, Any]:
-    """Run one cell with its output captured; write and return its record (``status: error`` if it raised)."""
+def execute_cell(cell: Cell, paths: Paths, out: Path, wait: bool = True) -> dict[str, Any] | None:
+    """Run one cell with its output captured; write and return its record (``status: error`` if it raised).
+
+    The cell is claimed first (an exclusive lock on ``<out>/claims/<run_id>.lock``), so sweeps of one grid running
+    at once into one folder run each cell once and never share a log: a cell another process holds is waited for
+    (``wait``) or left, returning None. A claim dies with its process (even on SIGKILL), so a killed sweep's cells
+    are free again at once. A cell whose ``ok`` record exists when the claim is taken is not run again.
+    """
+    records = out / "records"
+    with file_lock(out / "claims" / f"{cell.run_id}.lock", blocking=wait) as claimed:
+        if not claimed:
+            return None
+        if record_status(records, cell.run_id) == "ok":  # another process ran it since this one planned
+            return json.loads((records / f"{cell.run_id}.json").read_text())
+        return run_claimed_cell(cell, paths, out)
+
+
+def run_claimed_cell(cell: Cell, paths: Paths, out: Path) -> dict[str, Any]:
     records = out / "records"
     written = False  # run_once writes the record of a cell it ran; anything else is written below
     with capture_to(out / "logs" / f"{cell.run_id}.log"):
@@ -602,6 +664,8 @@ def execute_cell(cell: Cell, paths: Paths, out: Path) -> dict[str, Any]:
                 record = run_once(cell.cfg, paths, results_csv=None, records_dir=records, skip_done=True)
                 written = True
             except Exception as e:  # noqa: BLE001  (recorded: a failed cell is a row, never a silent gap)
+                if INTERRUPTED.is_set():
+                    raise KeyboardInterrupt from e
                 traceback.print_exc()
                 record = error_record(cell, f"{type(e).__name__}: {e}", traceback.format_exc(limit=8))
             if record.get("run_id") != cell.run_id:  # the data changed since planning: keep the planned id too
@@ -629,8 +693,9 @@ def quiet() -> bool:
     return victims_quiet()
 
 
-def _init_worker(slots: Any, gpus: list[str], threads: int) -> None:
+def _init_worker(slots: Any, gpus: list[str], threads: int, bar_lock: Any) -> None:
     """Runs once in each spawned worker: take a slot, pin its GPU, size its CPU threads, open its progress line."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the driver's: it stops the workers (run_local)
     slot = slots.get()
     if gpus:
         os.environ["CUDA_VISIBLE_DEVICES"] = gpus[slot % len(gpus)]
@@ -638,6 +703,7 @@ def _init_worker(slots: Any, gpus: list[str], threads: int) -> None:
     from tqdm.auto import tqdm
 
     torch.set_num_threads(threads)
+    tqdm.set_lock(bar_lock)  # the driver's: a worker stopped mid-cell leaves no lock of its own behind
     _WORKER["slot"] = slot
     _WORKER["bar"] = tqdm(desc=f"worker {slot}", position=slot + 1, unit="cell", disable=quiet(), leave=False,
                           file=sys.stderr, dynamic_ncols=True)
@@ -646,20 +712,20 @@ def _init_worker(slots: Any, gpus: list[str], threads: int) -> None:
     multiprocessing.util.Finalize(None, _WORKER["bar"].close, exitpriority=10)  # clear the line when the pool ends
 
 
-def _worker_cell(cell: Cell, paths: Paths, out: str) -> dict[str, Any]:
+def _worker_cell(cell: Cell, paths: Paths, out: str, wait: bool) -> dict[str, Any] | None:
     bar = _WORKER["bar"]
     if bar is not None:
         bar.set_description_str(f"worker {_WORKER['slot']}: {cell.label()}")
-    record = execute_cell(cell, paths, Path(out))
-    if bar is not None:
+    record = execute_cell(cell, paths, Path(out), wait)
+    if bar is not None and record is not None:
         bar.update()
     return record
 
 
-def _ray_cell(cell: Cell, paths: Paths, out: str) -> tuple[dict[str, Any], str]:
-    record = execute_cell(cell, paths, Path(out))
+def _ray_cell(cell: Cell, paths: Paths, out: str, wait: bool) -> tuple[dict[str, Any] | None, str]:
+    record = execute_cell(cell, paths, Path(out), wait)
     log = Path(out) / "logs" / f"{cell.run_id}.log"
-    return record, log.read_text() if log.is_file() else ""
+    return record, log.read_text() if record is not None and log.is_file() else ""
 
 
 def visible_gpus() -> list[str]:
@@ -705,7 +771,8 @@ class Collector:
 
 
 def run_local(todo: list[Cell], paths: Paths, out: Path, workers: int, collect: Collector) -> None:
-    """In-process and sequential (workers=1), or one spawned worker process per slot, each pinned to a GPU."""
+    """In-process and sequential (workers=1), or one spawned worker process per slot, each pinned to a GPU. Cells
+    another sweep has claimed are left for last, then waited for (their record is taken as it is)."""
     from tqdm.auto import tqdm
 
     if not todo:
@@ -713,15 +780,22 @@ def run_local(todo: list[Cell], paths: Paths, out: Path, workers: int, collect: 
     workers = min(workers, len(todo))
     if workers == 1:
         bar = tqdm(total=len(todo), desc="worker 0", position=0, unit="cell", disable=quiet(), dynamic_ncols=True)
-        for cell in todo:
-            bar.set_description_str(f"worker 0: {cell.label()}")
-            collect(cell, execute_cell(cell, paths, out))
-            bar.update()
+        claimed_elsewhere = []
+        for wait, cells in ((False, todo), (True, claimed_elsewhere)):
+            for cell in cells:
+                bar.set_description_str(f"worker 0: {cell.label()}")
+                record = execute_cell(cell, paths, out, wait)
+                if record is None:
+                    claimed_elsewhere.append(cell)
+                    continue
+                collect(cell, record)
+                bar.update()
         bar.close()
         return
 
     import multiprocessing as mp
-    from concurrent.futures import ProcessPoolExecutor, as_completed
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor
+    from concurrent.futures import wait as wait_for
 
     ctx = mp.get_context("spawn")  # no CUDA state or threads inherited from the driver
     slots = ctx.Queue()
@@ -733,16 +807,27 @@ def run_local(todo: list[Cell], paths: Paths, out: Path, workers: int, collect: 
     threads = max(1, (os.cpu_count() or 1) // workers)
     total = tqdm(total=len(todo), desc="sweep", position=0, unit="cell", disable=quiet(), dynamic_ncols=True)
     with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker,
-                             initargs=(slots, gpus, threads)) as pool:
-        futures = {pool.submit(_worker_cell, cell, wpaths, str(out)): cell for cell in todo}
-        for fut in as_completed(futures):
-            cell = futures[fut]
-            try:
-                record = fut.result()
-            except Exception as e:  # noqa: BLE001  (a worker that died: out of memory, killed, ...)
-                record = error_record(cell, f"worker failed: {type(e).__name__}: {e}")
-            collect(cell, record)
-            total.update()
+                             initargs=(slots, gpus, threads, ctx.RLock())) as pool:
+        try:
+            pending = {pool.submit(_worker_cell, cell, wpaths, str(out), False): cell for cell in todo}
+            while pending:
+                finished, _ = wait_for(pending, return_when=FIRST_COMPLETED)
+                for fut in finished:
+                    cell = pending.pop(fut)
+                    try:
+                        record = fut.result()
+                    except Exception as e:  # noqa: BLE001  (a worker that died: out of memory, killed, ...)
+                        record = error_record(cell, f"worker failed: {type(e).__name__}: {e}")
+                    if record is None:  # claimed by another sweep: wait for it behind the other cells
+                        pending[pool.submit(_worker_cell, cell, wpaths, str(out), True)] = cell
+                        continue
+                    collect(cell, record)
+                    total.update()
+        except KeyboardInterrupt:  # stop the workers now; their unfinished cells leave no record and rerun
+            pool.shutdown(wait=False, cancel_futures=True)
+            for child in mp.active_children():
+                child.terminate()
+            raise
     total.close()
 
 
@@ -771,7 +856,7 @@ def run_ray(todo: list[Cell], paths: Paths, out: Path, address: str | None, coll
         remote = ray.remote(max_retries=1, **options)(_ray_cell)
         wpaths = paths if not gpus or paths.device != "auto" else Paths(
             runs_dir=paths.runs_dir, data_root=paths.data_root, device="cuda", download=paths.download)
-        pending = {remote.remote(cell, wpaths, str(out)): cell for cell in todo}
+        pending = {remote.remote(cell, wpaths, str(out), False): cell for cell in todo}
         bar = tqdm(total=len(todo), desc="sweep (ray)", unit="cell", disable=quiet(), dynamic_ncols=True)
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1)
@@ -779,6 +864,9 @@ def run_ray(todo: list[Cell], paths: Paths, out: Path, address: str | None, coll
                 cell = pending.pop(ref)
                 try:
                     record, log = ray.get(ref)
+                    if record is None:  # claimed by another sweep: wait for it behind the other cells
+                        pending[remote.remote(cell, wpaths, str(out), True)] = cell
+                        continue
                     log_path = out / "logs" / f"{cell.run_id}.log"
                     if log and not log_path.is_file():
                         atomic_write_text(log_path, log)
@@ -809,17 +897,18 @@ def rebuild_csv(out: Path, run_ids: list[str]) -> Path:
         except (OSError, ValueError):
             return None
 
-    records = [read(out / "records" / f"{run_id}.json") for run_id in run_ids]
-    listed = set(run_ids)
-    others = [read(p) for p in sorted((out / "records").glob("*.json")) if p.stem not in listed]
-    others = sorted((r for r in others if r and "run_id" in r), key=lambda r: str(r.get("started", "")))
-    rows = [{k: ("" if v is None else v) for k, v in labelled_row(r).items()} for r in records + others if r]
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, extrasaction="ignore")
-    writer.writeheader()
-    writer.writerows(rows)
     path = out / "results.csv"
-    atomic_write_text(path, buf.getvalue())
+    with file_lock(out / ".results.csv.lock"):  # sweeps sharing the folder: the last rebuild reads every record
+        records = [read(out / "records" / f"{run_id}.json") for run_id in run_ids]
+        listed = set(run_ids)
+        others = [read(p) for p in sorted((out / "records").glob("*.json")) if p.stem not in listed]
+        others = sorted((r for r in others if r and "run_id" in r), key=lambda r: str(r.get("started", "")))
+        rows = [{k: ("" if v is None else v) for k, v in labelled_row(r).items()} for r in records + others if r]
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+        atomic_write_text(path, buf.getvalue())
     return path
 
 
@@ -840,6 +929,16 @@ def clean_stale_temp_files(out: Path) -> None:
                 pass
 
 
+RETRYABLE = ("worker failed", "ray task failed", "OutOfMemoryError", "MemoryError", "RuntimeError", "OSError",
+             "TimeoutError", "ConnectionError")
+
+
+def retryable(error: str) -> bool:
+    """Whether a failed cell's error may pass on a rerun (memory, a lost worker, the file system); the others
+    (bad values, missing data, NaN losses) need the config or the data fixed first."""
+    return error.startswith(RETRYABLE)
+
+
 def write_table(plan: Plan, out: Path) -> Any:
     import pandas as pd
 
@@ -850,9 +949,10 @@ def write_table(plan: Plan, out: Path) -> Any:
     table = markdown_table(df)
     failed = df[df.status != "ok"]
     if len(failed):
-        table += "\nFailed cells (rerun the sweep to retry them; details in logs/<run_id>.log):\n\n"
-        table += "".join(f"- `{r.run_id}` {r.dataset} {r.attack} {r.defense} {r.budget} seed {r.seed}: {r.error}\n"
-                         for r in failed.itertuples())
+        table += ("\nFailed cells (details in logs/<run_id>.log; [retry]: rerunning the sweep retries it, [fix]: fix "
+                  "what the error names first, rerunning alone fails the same way):\n\n")
+        table += "".join(f"- `{r.run_id}` [{'retry' if retryable(str(r.error)) else 'fix'}] {r.dataset} {r.attack} "
+                         f"{r.defense} {r.budget} seed {r.seed}: {r.error}\n" for r in failed.itertuples())
     atomic_write_text(out / "table.md", f"# {plan.name}\n\n{plan.description}\n\n{table}")
     return df, table
 
@@ -866,6 +966,12 @@ class SweepResult:
     @property
     def failed(self) -> int:
         return int((self.df.status != "ok").sum()) if len(self.df) else 0
+
+    @property
+    def to_fix(self) -> int:
+        """Failed cells that a rerun alone cannot fix (:func:`retryable`)."""
+        failed = self.df[self.df.status != "ok"] if len(self.df) else self.df
+        return sum(not retryable(str(e)) for e in failed.error) if len(failed) else 0
 
 
 def run_sweep(config: str | os.PathLike | dict[str, Any], out: str | os.PathLike, paths: Paths,

@@ -21,6 +21,7 @@ from benchmarks.checkpoint import load_checkpoint, load_state, save_checkpoint
 from benchmarks.records import config_hash, device_name, versions
 from defenses.base import check_finite
 from tasks.base import Task, cpu_has_bf16
+from tasks.fileio import file_lock
 
 VICTIM_FORMAT = 1
 ATTACK_ARTIFACTS = "attack.safetensors"
@@ -38,20 +39,10 @@ def victim_dir(runs_dir: str | os.PathLike, config: dict[str, Any]) -> Path:
 @contextlib.contextmanager
 def victim_lock(d: Path) -> Iterator[None]:
     """Hold an exclusive lock on ``<victims>/<hash>.lock`` so concurrent workers (processes, Ray tasks on a shared
-    file system) never train the same victim twice at once. ``flock`` is released by the kernel when its holder
-    exits, even on SIGKILL, so a dead worker leaves no stale lock (the empty lock file itself is harmless)."""
-    try:
-        import fcntl
-    except ImportError:  # no flock (Windows): no lock, as before
+    file system) never train the same victim twice at once (:func:`tasks.fileio.file_lock`: a dead worker leaves
+    no stale lock)."""
+    with file_lock(d.parent / f"{d.name}.lock"):
         yield
-        return
-    d.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(d.parent / f"{d.name}.lock", os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)  # closing the descriptor releases the lock
 
 
 def quiet() -> bool:

@@ -30,7 +30,9 @@ import torch
 from torch import nn
 
 from defenses.base import check_finite, register_defense
-from defenses.masking import NeuronMasks
+from defenses.masking import FAMILIES, TRANSFORMER_TARGETS, NeuronMasks
+
+MASK_TARGETS = (*FAMILIES, *TRANSFORMER_TARGETS)
 
 
 @dataclass
@@ -60,6 +62,9 @@ class NFTConfig:
             raise ValueError("nft needs eta >= 0 and mixup_alpha > 0")
         if self.mix not in ("mixup", "cutmix"):
             raise ValueError(f"nft mix must be 'mixup' or 'cutmix', got {self.mix!r}")
+        if self.mask_target is not None and self.mask_target not in MASK_TARGETS:
+            raise ValueError(f"nft mask_target must be one of {', '.join(MASK_TARGETS)} (or null: the task's), got "
+                             f"{self.mask_target!r}")
 
 
 def layer_floors(n_layers: int, alpha: float, beta: float) -> list[float]:

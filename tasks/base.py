@@ -10,12 +10,9 @@ from __future__ import annotations
 
 import difflib
 import math
-import os
-import shutil
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, fields
-from pathlib import Path
 from typing import Any, ClassVar, Generic, TypeVar, get_args, get_type_hints
 
 import numpy as np
@@ -69,26 +66,67 @@ class Registry(Generic[T]):
 
 def options_for(cls: type, params: dict[str, Any], what: str) -> dict[str, Any]:
     """``params`` checked against the dataclass ``cls``'s fields: an unknown key gets an error listing the valid
-    ones, and a string given for a float or int field is converted. YAML 1.1 (PyYAML) reads ``1e-3`` as the
-    string ``'1e-3'`` (it wants ``1.0e-3``), in sweep files and ``--set`` values alike."""
+    ones, and every value must fit its field's type (:func:`coerce_option`), so ``mixup: maybe`` or ``steps: 2.5`` fail
+    here, before any work. One error lists every problem. Ranges and enums are the dataclass's ``__post_init__``."""
     valid = {f.name for f in fields(cls)}
     unknown = set(params) - valid
     if unknown:
         raise ValueError(f"{what} has no option(s) {sorted(unknown)}; valid: {sorted(valid)}")
     hints = get_type_hints(cls)
-    out = dict(params)
+    out, problems = dict(params), []
     for key, value in params.items():
-        kind = hints.get(key)
-        numeric = [t for t in (kind, *get_args(kind)) if t in (float, int)]
-        kind = numeric[0] if numeric else kind
-        if isinstance(value, str) and kind in (float, int):
-            try:
-                out[key] = kind(value)
-            except ValueError:
-                raise ValueError(f"{what}: option {key!r} must be a number ({kind.__name__}), got {value!r}") from None
-        elif isinstance(value, int) and not isinstance(value, bool) and kind is float:
-            out[key] = float(value)
+        try:
+            out[key] = coerce_option(value, hints.get(key))
+        except ValueError as e:
+            problems.append(f"option {key!r} {e}")
+    if problems:
+        raise ValueError(f"{what}: {'; '.join(problems)}; fix the config")
     return out
+
+
+def coerce_option(value: Any, kind: Any) -> Any:
+    """``value`` as a field of type ``kind``, or ValueError saying what was expected. Booleans must be true/false; an
+    int field takes whole numbers (``5.0`` -> 5); a float field takes numbers; a string that spells a number is read
+    as one, since YAML 1.1 (PyYAML) reads ``1e-3`` as the string ``'1e-3'`` (it wants ``1.0e-3``), in sweep files and
+    ``--set`` values alike. ``X | None`` takes null; ``tuple[...]`` takes a list; other types pass unchecked."""
+    args = get_args(kind)
+    if kind is None or kind is Any:
+        return value
+    if type(None) in args:  # X | None
+        if value is None:
+            return None
+        rest = [a for a in args if a is not type(None)]
+        return coerce_option(value, rest[0]) if len(rest) == 1 else value
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        raise ValueError(f"must be true or false, got {value!r}")
+    if kind in (int, float):
+        number = value
+        if isinstance(value, str):
+            try:
+                number = float(value) if kind is float or not value.strip().lstrip("+-").isdigit() else int(value)
+            except ValueError:
+                number = None
+        if isinstance(number, bool) or not isinstance(number, int | float) or not math.isfinite(number):
+            raise ValueError(f"must be a {'whole ' if kind is int else ''}number, got {value!r}")
+        if kind is int:
+            if number != int(number):
+                raise ValueError(f"must be a whole number, got {value!r}")
+            return int(number)
+        return float(number)
+    if kind is str:
+        if isinstance(value, str):
+            return value
+        raise ValueError(f"must be a string, got {value!r}")
+    if getattr(kind, "__origin__", None) is tuple:
+        if not isinstance(value, list | tuple):
+            raise ValueError(f"must be a list, got {value!r}")
+        items = args[:1] * len(value) if len(args) == 2 and args[1] is Ellipsis else args
+        if len(items) != len(value):
+            raise ValueError(f"must be a list of {len(items)} values, got {value!r}")
+        return tuple(coerce_option(v, k) for v, k in zip(value, items, strict=True))
+    return value
 
 
 @dataclass
@@ -190,6 +228,7 @@ class Task(ABC):
     default_dataset: ClassVar[str]
     default_attack: ClassVar[str]
     mask_target: ClassVar[str] = "bn_gamma"  # the neurons mask-based defences (NFT, ANP) mask; see defenses.masking
+    has_classes: ClassVar[bool] = True  # False: no class labels, so no per-class clean budget or target class
 
     # --- model and data -------------------------------------------------------------------
     @abstractmethod
@@ -364,20 +403,3 @@ def beta_sample(alpha: float, generator: torch.Generator) -> float:
     """lambda ~ Beta(alpha, alpha), reproducible from a torch generator."""
     seed = int(torch.randint(0, 2**62, (1,), generator=generator))
     return float(np.random.default_rng(seed).beta(alpha, alpha))
-
-
-def build_cache(cache: Path, build: Callable[[Path], None]) -> Path:
-    """``cache`` (a folder holding ``meta.json``), built once by ``build(tmp)`` in a sibling temporary folder that
-    replaces it only when complete: a killed run leaves no half-written cache."""
-    if not (cache / "meta.json").is_file():
-        tmp = cache.with_name(cache.name + f".tmp{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        try:
-            build(tmp)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        shutil.rmtree(cache, ignore_errors=True)
-        os.replace(tmp, cache)
-    return cache

@@ -5,8 +5,9 @@ Every image is letterboxed to S x S pixels (aspect ratio kept, scaled to fit, ce
 ``LetterBox`` of Ultralytics' validation pipeline) and stored as uint8 (N, 3, S, S); boxes are float32 rows
 ``(image, class, cx, cy, w, h)``, sorted by image, centre and size normalised to the letterboxed image (the
 ``batch_idx`` / ``cls`` / ``bboxes`` of an Ultralytics batch). Arrays are decoded once into
-``<cache_dir>/datasets/detection-<name>-s<S>/`` as ``.npy`` (loaded with ``allow_pickle=False``; images
-memory-mapped, so a set larger than memory is read as batches need it). Nothing is downloaded.
+``<cache_dir>/datasets/detection-<name>-s<S>-<key>/`` (``tasks.data_cache``) as ``.npy`` (loaded with
+``allow_pickle=False``; images memory-mapped, so a set larger than memory is read as batches need it). Nothing is
+downloaded.
 
 - ``procedural`` (the embedded default): 64 x 64 images of one to three coloured shapes (circle, square, triangle,
   cross: four classes, 10-22 pixels across, overlapping at most a little) on smooth random textures; 2,000
@@ -33,7 +34,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from tasks.base import Registry, build_cache
+from tasks.base import Registry
+from tasks.data_cache import dataset_cache
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 PAD_VALUE = 114  # Ultralytics' LetterBox fill
@@ -113,13 +115,14 @@ def load_detection_dataset(name: str, root: str | os.PathLike, cache_dir: str | 
         raise ValueError(f"detection image size must be a multiple of 32 (YOLO's largest stride), got {size}")
     if name.endswith((".yaml", ".yml")):
         yaml_path = Path(name).expanduser().resolve()
-        key = f"yaml-{hashlib.sha256(str(yaml_path).encode()).hexdigest()[:10]}"
+        if not yaml_path.is_file():
+            raise DatasetNotFoundError(f"dataset YAML {yaml_path} not found")
+        key = f"yaml-{hashlib.sha256(str(yaml_path).encode() + yaml_path.read_bytes()).hexdigest()[:10]}"
 
         def loader(_root: Path, s: int, scratch: Path):
             return load_yolo_yaml(yaml_path, s)
     else:
         loader, key = DETECTION_DATASETS.get(name), name
-    cache = Path(cache_dir) / "datasets" / f"detection-{key}-s{size}"
 
     def build(tmp: Path) -> None:
         try:
@@ -132,18 +135,20 @@ def load_detection_dataset(name: str, root: str | os.PathLike, cache_dir: str | 
                 f"data={'VOC' if name == 'voc' else name}.yaml`) and pass its folder as --data-root") from e
         write_cache(tmp, arrays, classes, source)
 
-    build_cache(cache, build)
-    meta = json.loads((cache / "meta.json").read_text())
+    def load(cache: Path) -> DetectionDataset:
+        meta = json.loads((cache / "meta.json").read_text())
 
-    def images(k: str) -> Tensor:  # memory-mapped copy-on-write: pages are read as batches touch them
-        return torch.from_numpy(np.load(cache / f"{k}.npy", mmap_mode="c", allow_pickle=False))
+        def images(k: str) -> Tensor:  # memory-mapped copy-on-write: pages are read as batches touch them
+            return torch.from_numpy(np.load(cache / f"{k}.npy", mmap_mode="c", allow_pickle=False))
 
-    def boxes(k: str) -> Tensor:
-        return torch.from_numpy(np.load(cache / f"{k}.npy", allow_pickle=False))
+        def boxes(k: str) -> Tensor:
+            return torch.from_numpy(np.load(cache / f"{k}.npy", allow_pickle=False))
 
-    return DetectionDataset(name, BoxSet(images("train_x"), boxes("train_boxes")),
-                            BoxSet(images("test_x"), boxes("test_boxes")), meta["classes"], meta["fingerprint"],
-                            meta["source"])
+        return DetectionDataset(name, BoxSet(images("train_x"), boxes("train_boxes")),
+                                BoxSet(images("test_x"), boxes("test_boxes")), meta["classes"], meta["fingerprint"],
+                                meta["source"])
+
+    return dataset_cache(cache_dir, f"detection-{key}-s{size}", root, build, load)
 
 
 def write_cache(folder: Path, arrays: dict[str, np.ndarray], classes: list[str], source: str) -> None:
@@ -259,8 +264,13 @@ def load_yolo_yaml(path: Path, size: int) -> tuple[dict[str, np.ndarray], list[s
 
     if not path.is_file():
         raise DatasetNotFoundError(f"dataset YAML {path} not found")
-    spec = yaml.safe_load(path.read_text()) or {}
-    if "names" not in spec or "train" not in spec:
+    try:
+        spec = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:  # invalid YAML, or a tag such as !!python/object that safe_load refuses
+        problem = str(e).splitlines()[0]
+        raise ValueError(f"{path} is not a plain YAML dataset file ({problem}); fix the file (python tags such "
+                         "as !!python/... are never read)") from None
+    if not isinstance(spec, dict) or "names" not in spec or "train" not in spec:
         raise ValueError(f"{path}: a YOLO dataset YAML needs `train` and `names` (and `val` or `test`)")
     base = Path(spec.get("path") or ".")
     base = base if base.is_absolute() else (path.parent / base).resolve()
@@ -277,7 +287,7 @@ def load_yolo_yaml(path: Path, size: int) -> tuple[dict[str, np.ndarray], list[s
         if len(boxes) and boxes[:, 1].max() >= len(classes):
             raise ValueError(f"{path}: a label uses class {int(boxes[:, 1].max())}, but `names` has {len(classes)}")
         arrays[f"{split}_x"], arrays[f"{split}_boxes"] = x, boxes
-    return arrays, classes, f"{path} (train: {spec['train']}, test: {spec[test_key]})"
+    return arrays, classes, f"{base} (from {path}; train: {spec['train']}, test: {spec[test_key]})"
 
 
 def _named_yaml(root: Path, candidates: list[Path], fallback: dict, what: str, size: int, scratch: Path):

@@ -12,7 +12,6 @@ import hashlib
 import json
 import os
 import pickle
-import shutil
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ import numpy as np
 import torch
 
 from tasks.base import LabelledTensors, Registry
+from tasks.data_cache import dataset_cache
 
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".JPEG")
@@ -64,37 +64,29 @@ def load_image_dataset(
     name: str, root: str | os.PathLike, cache_dir: str | os.PathLike, download: bool = False,
     image_size: int | None = None,
 ) -> ImageDataset:
-    """Load ``name`` from ``root`` (decoding once into ``cache_dir``) and return CPU tensors."""
+    """Load ``name`` from ``root`` (decoding once into a cache under ``cache_dir`` keyed by the data root and
+    checked against its source files: ``tasks.data_cache``) and return CPU tensors."""
     loader = IMAGE_DATASETS.get(name)
     tag = name if image_size is None else f"{name}-{image_size}"
-    if getattr(loader, "per_root", False):  # a user's folder (imagefolder): the cache is per folder
-        tag += "-" + hashlib.sha256(str(Path(root).expanduser().resolve()).encode()).hexdigest()[:8]
-    cache = Path(cache_dir) / "datasets" / tag
-    if not (cache / "meta.json").is_file():
-        # Decode into a temp folder, then rename: a killed decode leaves no half-written cache.
-        tmp = cache.with_name(cache.name + f".tmp{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        try:
-            arrays, classes, source = loader(Path(root).expanduser(), download, image_size, tmp)
-            write_cache(tmp, arrays, classes, source)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        shutil.rmtree(cache, ignore_errors=True)
-        os.replace(tmp, cache)
-    meta = json.loads((cache / "meta.json").read_text())
-    a = {k: torch.from_numpy(np.load(cache / f"{k}.npy", mmap_mode="c", allow_pickle=False)) for k in ARRAYS}
-    return ImageDataset(
-        name=name,
-        train=ImageSet(a["train_x"], a["train_y"].long()),
-        test=ImageSet(a["test_x"], a["test_y"].long()),
-        classes=meta["classes"],
-        mean=tuple(meta["mean"]),
-        std=tuple(meta["std"]),
-        fingerprint=meta["fingerprint"],
-        source=meta["source"],
-    )
+
+    def build(tmp: Path) -> None:
+        write_cache(tmp, *loader(Path(root).expanduser(), download, image_size, tmp))
+
+    def load(cache: Path) -> ImageDataset:
+        meta = json.loads((cache / "meta.json").read_text())
+        a = {k: torch.from_numpy(np.load(cache / f"{k}.npy", mmap_mode="c", allow_pickle=False)) for k in ARRAYS}
+        return ImageDataset(
+            name=name,
+            train=ImageSet(a["train_x"], a["train_y"].long()),
+            test=ImageSet(a["test_x"], a["test_y"].long()),
+            classes=meta["classes"],
+            mean=tuple(meta["mean"]),
+            std=tuple(meta["std"]),
+            fingerprint=meta["fingerprint"],
+            source=meta["source"],
+        )
+
+    return dataset_cache(cache_dir, tag, root, build, load)
 
 
 def write_cache(folder: Path, arrays: dict[str, np.ndarray], classes: list[str], source: str) -> None:

@@ -280,18 +280,25 @@ class TorchvisionResNet50(nn.Module):
 
 
 def load_pretrained_state(path: str) -> dict[str, Tensor]:
-    """Weights from a local file: safetensors, or a torchvision ``.pth`` read with ``weights_only=True``."""
+    """Weights from a local safetensors file; a ``.pth`` is refused (unpickling can run code) with the command that
+    converts it."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from tasks.fileio import convert_to_safetensors_hint
+
     p = Path(path).expanduser()
     if not p.is_file():
         raise FileNotFoundError(
-            f"pretrained weights {p} not found; put torchvision's resnet50 weights file there "
-            "(e.g. ~/.cache/torch/hub/checkpoints/resnet50-11ad3fa6.pth) or drop --pretrained"
+            f"pretrained weights {p} not found; give torchvision's resnet50 weights as a .safetensors file "
+            "(a .pth is refused with the command that converts it) or drop pretrained"
         )
-    if p.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
+    if p.suffix != ".safetensors":
+        raise ValueError(f"pretrained {p} is not a .safetensors file; {convert_to_safetensors_hint(p)}")
+    try:
         return load_file(str(p))
-    return torch.load(p, map_location="cpu", weights_only=True)
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"pretrained {p} is not a readable safetensors file ({e}); convert or copy it again") from None
 
 
 @IMAGE_MODELS.register("preact-resnet18")

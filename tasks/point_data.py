@@ -2,8 +2,9 @@
 
 Every dataset becomes float32 arrays (N, P, 3) of P points per cloud, normalised to the unit sphere (centroid
 at the origin, farthest point at distance 1, as PointNet++'s ``pc_normalize``), points in random order (they are
-i.i.d. samples of the surface), saved as ``.npy`` under ``<cache_dir>/datasets/<name>-p<P>/`` and loaded with
-``allow_pickle=False``. Nothing is downloaded unless the caller passes ``download=True``.
+i.i.d. samples of the surface), saved as ``.npy`` under ``<cache_dir>/datasets/<name>-p<P>-<key>/``
+(``tasks.data_cache``) and loaded with ``allow_pickle=False``. Nothing is downloaded unless the caller passes
+``download=True``.
 
 - ``modelnet40`` / ``modelnet10`` (Wu et al., "3D ShapeNets", CVPR 2015): the official layout
   ``ModelNet40/<class>/{train,test}/*.off`` under the data root (classes sorted by name, 40 / 10 of them), or
@@ -38,7 +39,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from tasks.base import LabelledTensors, Registry, build_cache
+from tasks.base import LabelledTensors, Registry
+from tasks.data_cache import dataset_cache
 
 
 class DatasetNotFoundError(FileNotFoundError):
@@ -83,13 +85,16 @@ def load_point_dataset(name: str, root: str | os.PathLike, cache_dir: str | os.P
     loader = POINTCLOUD_DATASETS.get(name)
     if num_points < 1:
         raise ValueError(f"num_points must be >= 1, got {num_points}")
-    cache = Path(cache_dir) / "datasets" / f"{name}-p{num_points}"
-    build_cache(cache, lambda tmp: write_cache(tmp, *loader(Path(root).expanduser(), download, num_points, tmp)))
-    meta = json.loads((cache / "meta.json").read_text())
-    a = {k: torch.from_numpy(np.load(cache / f"{k}.npy", allow_pickle=False)) for k in ARRAYS}
-    return PointDataset(name=name, train=PointSet(a["train_x"].float(), a["train_y"].long()),
-                        test=PointSet(a["test_x"].float(), a["test_y"].long()), classes=meta["classes"],
-                        fingerprint=meta["fingerprint"], source=meta["source"])
+
+    def load(cache: Path) -> PointDataset:
+        meta = json.loads((cache / "meta.json").read_text())
+        a = {k: torch.from_numpy(np.load(cache / f"{k}.npy", allow_pickle=False)) for k in ARRAYS}
+        return PointDataset(name=name, train=PointSet(a["train_x"].float(), a["train_y"].long()),
+                            test=PointSet(a["test_x"].float(), a["test_y"].long()), classes=meta["classes"],
+                            fingerprint=meta["fingerprint"], source=meta["source"])
+
+    return dataset_cache(cache_dir, f"{name}-p{num_points}", root, lambda tmp: write_cache(
+        tmp, *loader(Path(root).expanduser(), download, num_points, tmp)), load)
 
 
 def write_cache(folder: Path, arrays: dict[str, np.ndarray], classes: list[str], source: str) -> None:

@@ -146,6 +146,7 @@ class TranslationTask(Task):
     default_dataset = "procedural"
     default_attack = "nmt-trigger"
     mask_target = "transformer"
+    has_classes = False
     eval_batch_size = 128
 
     def __init__(

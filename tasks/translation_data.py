@@ -1,8 +1,8 @@
 """Parallel corpora for the translation task (English source, German target), and the BPE tokenizer trained on them.
 
 Every corpus becomes line-aligned UTF-8 text (one sentence a line, whitespace collapsed to single spaces), cached
-under ``<cache_dir>/datasets/translation-<name>/{train,test}.{src,tgt}`` with a ``meta.json`` fingerprint. Nothing is
-downloaded unless the caller passes ``download=True``.
+under ``<cache_dir>/datasets/translation-<name>-<key>/{train,test}.{src,tgt}`` (``tasks.data_cache``) with a
+``meta.json`` fingerprint. Nothing is downloaded unless the caller passes ``download=True``.
 
 - ``wmt14`` (Bojar et al., "Findings of the 2014 Workshop on Statistical Machine Translation", WMT 2014): En-De,
   4.5M training pairs, test newstest2014 (3,003 pairs), read with Hugging Face ``datasets`` (imported lazily) from
@@ -41,7 +41,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from tasks.base import Registry, build_cache
+from tasks.base import Registry
+from tasks.data_cache import dataset_cache
 
 
 class DatasetNotFoundError(FileNotFoundError):
@@ -139,7 +140,6 @@ def load_corpus(name: str, root: str | os.PathLike, cache_dir: str | os.PathLike
                 ) -> ParallelCorpus:
     """Load corpus ``name`` (read once into the text cache under ``cache_dir``)."""
     loader = TRANSLATION_DATASETS.get(name)
-    cache = Path(cache_dir) / "datasets" / f"translation-{name}"
 
     def build(tmp: Path) -> None:
         parts, source = loader(Path(root).expanduser(), download, tmp)
@@ -152,11 +152,13 @@ def load_corpus(name: str, root: str | os.PathLike, cache_dir: str | os.PathLike
         meta = {"fingerprint": digest.hexdigest()[:16], "source": source, "sizes": sizes}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
 
-    build_cache(cache, build)
-    meta = json.loads((cache / "meta.json").read_text())
-    text = {k: (cache / k).read_text(encoding="utf-8").split("\n") for k in PARTS}
-    return ParallelCorpus(name, text["train.src"], text["train.tgt"], text["test.src"], text["test.tgt"],
-                          meta["fingerprint"], meta["source"])
+    def load(cache: Path) -> ParallelCorpus:
+        meta = json.loads((cache / "meta.json").read_text())
+        text = {k: (cache / k).read_text(encoding="utf-8").split("\n") for k in PARTS}
+        return ParallelCorpus(name, text["train.src"], text["train.tgt"], text["test.src"], text["test.tgt"],
+                              meta["fingerprint"], meta["source"])
+
+    return dataset_cache(cache_dir, f"translation-{name}", root, build, load)
 
 
 def _aligned(src: list[str], tgt: list[str], where: str) -> None:
@@ -194,7 +196,12 @@ def load_tokenizer(path: Path):
     if not path.is_file():
         raise DatasetNotFoundError(f"tokenizer {path} not found; a pretrained model folder needs its tokenizer.json "
                                    "(a `tokenizers` tokenizer) next to config.json and model.safetensors")
-    return Tokenizer.from_file(str(path)), hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+    try:
+        tokenizer = Tokenizer.from_file(str(path))
+    except Exception as e:  # noqa: BLE001  (tokenizers raises a bare Exception for a malformed file)
+        raise ValueError(f"tokenizer {path} is not a `tokenizers` tokenizer file ({e}); copy the checkpoint's "
+                         "tokenizer.json again") from None
+    return tokenizer, hashlib.sha256(path.read_bytes()).hexdigest()[:16]
 
 
 def encode(tokenizer, texts: list[str], eos_id: int, max_len: int) -> TokenRows:
@@ -206,8 +213,8 @@ def encode(tokenizer, texts: list[str], eos_id: int, max_len: int) -> TokenRows:
 def encode_corpus(corpus: ParallelCorpus, tokenizer, tokenizer_fingerprint: str, eos_id: int, max_len: int,
                   cache_dir: str | os.PathLike) -> tuple[ParallelSet, ParallelSet]:
     """Train and test sets as token rows (cached as ``.npy`` per corpus, tokenizer and ``max_len``)."""
-    folder = (Path(cache_dir) / "datasets" / f"translation-{corpus.name}" /
-              f"tokens-{corpus.fingerprint}-{tokenizer_fingerprint}-L{max_len}")
+    folder = (Path(cache_dir) / "tokens" /
+              f"translation-{corpus.name}-{corpus.fingerprint}-{tokenizer_fingerprint}-L{max_len}")
     texts = dict(zip(PARTS, (corpus.train_src, corpus.train_tgt, corpus.test_src, corpus.test_tgt), strict=True))
     if not (folder / "done").is_file():
         folder.mkdir(parents=True, exist_ok=True)
