@@ -39,7 +39,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from tasks.base import LabelledTensors, Registry, build_cache
+from tasks.base import LabelledTensors, Registry
+from tasks.data_cache import rebuild
 
 
 class DatasetNotFoundError(FileNotFoundError):
@@ -98,7 +99,8 @@ def load_video_dataset(name: str, root: str | os.PathLike, cache_dir: str | os.P
 
     if name != "procedural":  # a changed or added video changes the key: rebuild
         cache = cache.with_name(cache.name + "-" + loader.content_key(Path(root).expanduser(), split))
-    build_cache(cache, build)
+    if not (cache / "meta.json").is_file():  # built once, atomically; the key above names its content
+        rebuild(cache, build)
     meta = json.loads((cache / "meta.json").read_text())
     a = {k: torch.from_numpy(read_array(cache / f"{k}.npy")) for k in ARRAYS}
     return VideoDataset(name, VideoSet(a["train_x"], a["train_y"].long()), VideoSet(a["test_x"], a["test_y"].long()),
