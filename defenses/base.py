@@ -6,6 +6,7 @@ input) and the defender's clean split, nothing else: no test data, no attack, no
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -27,6 +28,45 @@ def check_finite(loss: Tensor, where: str, step: int) -> None:
             f"{where}: loss is {float(loss.detach().float().mean())} at step {step}; lower the learning rate "
             "or check the inputs (nothing was written for this run)"
         )
+
+
+class FiniteCheck:
+    """``check_finite`` for hot loops without a host sync per step: each loss's finiteness is folded into a flag on
+    its device, read back every ``every`` steps on an accelerator (every step on the CPU, where reading is free) and
+    by :meth:`finish` after the last step. A non-finite loss raises :class:`NonFiniteLossError` at the next read."""
+
+    def __init__(self, where: str, every: int = 100):
+        self.where, self.every = where, every
+        self.bad: Tensor | None = None
+        self.checked = -1  # the last step read back
+
+    def __call__(self, loss: Tensor, step: int) -> None:
+        bad = ~torch.isfinite(loss.detach()).all()
+        self.bad = bad if self.bad is None else self.bad | bad
+        if loss.device.type == "cpu" or (step + 1) % self.every == 0:
+            self.finish(step)
+
+    def finish(self, step: int) -> None:
+        """Read the flag back: raise if any loss up to ``step`` was non-finite."""
+        if self.bad is not None and bool(self.bad):
+            first = self.checked + 1
+            where = f"at step {step}" if first == step else f"between steps {first} and {step}"
+            raise NonFiniteLossError(f"{self.where}: loss became NaN/inf {where}; lower the learning rate or check "
+                                     "the inputs (nothing was written for this run)")
+        self.checked = step
+
+
+def fused_options(model: nn.Module) -> dict[str, bool]:
+    """``fused=True`` (one kernel per step for all parameters) on CUDA; on the CPU torch's default (foreach where it
+    applies), so CPU numbers stay as they were."""
+    return {"fused": True} if next(model.parameters()).device.type == "cuda" else {}
+
+
+def maybe_compile(model: nn.Module) -> nn.Module:
+    """``torch.compile(model)`` when ``NFTBENCH_COMPILE=1`` (``--compile``), else ``model``: the compiled module
+    shares its parameters with ``model``. Off by default: on the CPU here it did not pay for its compile time (see
+    README, GPU section)."""
+    return torch.compile(model) if os.environ.get("NFTBENCH_COMPILE") == "1" else model
 
 
 @dataclass
