@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import pickle
 import sys
 from pathlib import Path
@@ -12,6 +13,7 @@ from typing import Any
 import yaml
 
 from attacks import ATTACKS, create_attack
+from benchmarks.perf import add_gpu_arguments
 from benchmarks.run import Paths, RunConfig, purify_victim, run_once
 from benchmarks.victims import get_victim
 from defenses import DEFENSES
@@ -113,7 +115,9 @@ def cmd_train_victim(args: argparse.Namespace) -> None:
     task = create_task(args.task, dataset=args.dataset, model=args.model, model_kwargs=parse_params(args.model_param),
                        scale=args.scale, data_root=args.data_root, cache_dir=args.runs_dir, device=args.device,
                        download=args.download)
-    _, meta, d = get_victim(task, attack, args.seed, args.runs_dir)
+    if args.compile:
+        os.environ["NFTBENCH_COMPILE"] = "1"
+    _, meta, d = get_victim(task, attack, args.seed, args.runs_dir, args.max_steps)
     m = meta["metrics"]
     print(json.dumps({"victim": str(d), **m, "train_time_s": round(meta["train_time_s"], 1)}, indent=1))
 
@@ -191,6 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train-victim", help="train (or reuse) a backdoored or benign model")
     add_victim_args(p)
+    add_gpu_arguments(p)
     add_common(p)
     p.set_defaults(fn=cmd_train_victim)
 

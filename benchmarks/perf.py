@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import statistics
 import sys
 import time
@@ -215,6 +216,8 @@ def report(result: dict[str, Any]) -> str:
 
 
 def run_perf(args: argparse.Namespace) -> dict[str, Any]:
+    if getattr(args, "compile", None):
+        os.environ["NFTBENCH_COMPILE"] = "1"
     if args.repeats < 1 or (args.train_steps is not None and args.train_steps < 1) or args.quick_factor <= 0:
         raise ValueError("--repeats and --train-steps must be >= 1 and --quick-factor > 0")
     sets = parse_sets(args.set)
@@ -246,7 +249,7 @@ def run_perf(args: argparse.Namespace) -> dict[str, Any]:
     warmup = args.warmup_steps if args.warmup_steps is not None else (2 if args.quick else 10)
 
     print("perf: victim (cached, or trained now)", file=sys.stderr, flush=True)
-    model, victim, vdir = get_victim(task, attack, args.seed, args.runs_dir)
+    model, victim, vdir = get_victim(task, attack, args.seed, args.runs_dir, getattr(args, "max_steps", None))
     clean = task.clean_split(budget, args.seed)
     print(f"perf: training throughput ({warmup} warm-up + {train_steps} timed steps)", file=sys.stderr, flush=True)
     training = training_throughput(task, attack, args.seed, train_steps, warmup)
@@ -296,6 +299,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="a defence option, repeatable (e.g. nft.steps=200); applied after --quick")
     p.add_argument("--train-steps", type=int, default=None, help="timed training steps (default 50; --quick 10)")
     p.add_argument("--warmup-steps", type=int, default=None, help="untimed steps first (default 10; --quick 2)")
+    add_gpu_arguments(p)
     p.add_argument("--repeats", type=int, default=1, help="runs per defence; the median is reported (default 1)")
     p.add_argument("--json", default=None, metavar="PATH", help="also write the full result as JSON")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
@@ -303,6 +307,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--runs-dir", default="runs", help="cache of decoded datasets and victims")
     p.add_argument("--download", action="store_true", help="allow downloading a missing dataset")
     p.add_argument("--seed", type=int, default=0)
+
+
+def add_gpu_arguments(p: argparse.ArgumentParser) -> None:
+    """``--max-steps`` and ``--compile``, shared by ``perf`` and ``train-victim``."""
+    p.add_argument("--max-steps", type=int, default=None,
+                   help="train a victim that is not cached for at most this many steps of its recipe (a timing "
+                        "run's victim, cached under its own id)")
+    p.add_argument("--compile", action="store_const", const="1", dest="compile",
+                   help="torch.compile the model in victim training, NFT and ANP (sets NFTBENCH_COMPILE=1)")
 
 
 def main(argv: list[str] | None = None) -> None:
