@@ -32,10 +32,11 @@ def check_finite(loss: Tensor, where: str, step: int) -> None:
 
 class FiniteCheck:
     """``check_finite`` for hot loops without a host sync per step: each loss's finiteness is folded into a flag on
-    its device, read back every ``every`` steps on an accelerator (every step on the CPU, where reading is free) and
-    by :meth:`finish` after the last step. A non-finite loss raises :class:`NonFiniteLossError` at the next read."""
+    its device, read back every ``every`` steps (default: every step on the CPU, where reading is free; every 100 on
+    an accelerator) and by :meth:`finish` after the last step. A non-finite loss raises :class:`NonFiniteLossError`
+    at the next read, so the run still fails and writes nothing."""
 
-    def __init__(self, where: str, every: int = 100):
+    def __init__(self, where: str, every: int | None = None):
         self.where, self.every = where, every
         self.bad: Tensor | None = None
         self.checked = -1  # the last step read back
@@ -43,7 +44,8 @@ class FiniteCheck:
     def __call__(self, loss: Tensor, step: int) -> None:
         bad = ~torch.isfinite(loss.detach()).all()
         self.bad = bad if self.bad is None else self.bad | bad
-        if loss.device.type == "cpu" or (step + 1) % self.every == 0:
+        every = self.every or (1 if loss.device.type == "cpu" else 100)
+        if (step + 1) % every == 0:
             self.finish(step)
 
     def finish(self, step: int) -> None:
