@@ -80,9 +80,10 @@ COST_TABLE: dict[tuple[str, str], dict[str, tuple[float, float]]] = {
     ("digits", "quick"): {"cpu": (8, 18), "gpu": (15, 5)},  # measured 2026-11-29: 9 victims, 121 NFT runs
     ("digits", "paper"): {"cpu": (150, 20), "gpu": (25, 5)},
     ("cifar10", "quick"): {"cpu": (1100, 140), "gpu": (60, 10)},  # measured 2026-11-28/29: 21 victims, 184 NFT runs
-    # measured 2026-12 (issue 20, the lead): one airbench victim ~30 min at ~460 images/s; NFT: see README GPU section
-    ("cifar10", "fast"): {"cpu": (1800, 140), "gpu": (30, 10)},
-    ("gtsrb", "fast"): {"cpu": (1400, 140), "gpu": (25, 10)},  # CIFAR-10's x 37k / 47.5k attacker images
+    # airbench, cpu: the victim measured by the lead (issue 20: ~30 min at ~460 images/s); NFT measured 2026-12-06:
+    # 0.135 s of CPU per step (1000 steps) + ~8 s per evaluation. gtsrb: CIFAR-10's victim x 37k / 47.5k images
+    ("cifar10", "fast"): {"cpu": (1800, 150), "gpu": (30, 10)},
+    ("gtsrb", "fast"): {"cpu": (1400, 150), "gpu": (25, 10)},
     ("cifar10", "paper"): {"cpu": (200_000, 3000), "gpu": (500, 20)},
     ("gtsrb", "quick"): {"cpu": (3000, 240), "gpu": (50, 10)},
     ("gtsrb", "paper"): {"cpu": (160_000, 3000), "gpu": (400, 20)},

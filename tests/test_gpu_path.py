@@ -57,3 +57,24 @@ def test_max_steps_caps_the_victim_under_an_id_of_its_own(digits_task, tmp_path)
         get_victim(digits_task, attack, 0, tmp_path, max_steps=0)
     with pytest.raises(ValueError, match="trains its victim itself"):
         get_victim(digits_task, create_attack("cba", seed=0), 0, tmp_path, max_steps=2)
+
+
+def test_dry_run_counts_clean_models_surrogates_and_trigger_networks():
+    from benchmarks.run import RunConfig
+    from benchmarks.sweep import COST_TABLE, Cell, Plan, estimate
+
+    def cells(dataset, attacks, seeds=(0,), task="image"):
+        return [Cell(RunConfig(task=task, dataset=dataset, scale="paper", attack=a, seed=s), f"{a}{s}", {})
+                for a in attacks for s in seeds]
+
+    plan = Plan("t", "", cells("cifar10", ["trojan", "clb", "lf", "issba", "badnets"], seeds=(0, 1)))
+    est = estimate(plan, "gpu", 1)
+    # one clean model per seed, shared by Trojan, CLB and LF; ISSBA's encoder per seed
+    assert (est["clean_models_to_train"], est["trigger_networks_to_train"], est["surrogates_to_train"]) == (2, 2, 0)
+    victim_s = COST_TABLE[("cifar10", "paper")]["gpu"][0]
+    without = estimate(Plan("t", "", [c for c in plan.cells if c.cfg.attack == "badnets"]), "gpu", 1)
+    assert est["estimated_s"] > without["estimated_s"] + 2 * victim_s  # the clean models are costed
+    with_benign = Plan("t", "", plan.cells + cells("cifar10", [None], seeds=(0, 1)))
+    assert estimate(with_benign, "gpu", 1)["clean_models_to_train"] == 0  # the benign victims are those models
+    pcba = estimate(Plan("t", "", cells("modelnet40", ["pcba"], task="pointcloud")), "gpu", 1)
+    assert pcba["surrogates_to_train"] == 1
