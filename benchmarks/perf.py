@@ -38,7 +38,7 @@ from attacks import create_attack
 from benchmarks.records import device_name, params_label, versions
 from benchmarks.victims import get_victim, recipe_optimizer
 from defenses import DEFENSES, purify
-from defenses.base import check_finite
+from defenses.base import FiniteCheck, maybe_compile
 from tasks import CleanBudget, Task, create_task
 from tasks.base import cpu_has_bf16
 
@@ -93,6 +93,7 @@ def training_throughput(task: Task, attack: Any, seed: int, steps: int, warmup: 
     torch.manual_seed(seed)
     model = task.build_model().train()
     opt, sched = recipe_optimizer(model, recipe, n)
+    forward, finite = maybe_compile(model), FiniteCheck("perf: victim training")  # as the trainer: no sync per step
     g = torch.Generator().manual_seed(seed + 1)
     batches = task.epoch_batches(split, bs, g)
     images = 0
@@ -103,8 +104,8 @@ def training_throughput(task: Task, attack: Any, seed: int, steps: int, warmup: 
         if batch is None:  # next epoch, as the trainer does
             batches = task.epoch_batches(split, bs, g)
             batch = next(batches)
-        loss = task.loss(model, batch, label_smoothing=recipe.get("label_smoothing", 0.0))
-        check_finite(loss, "perf: victim training", i)
+        loss = task.loss(forward, batch, label_smoothing=recipe.get("label_smoothing", 0.0))
+        finite(loss, i)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -119,6 +120,7 @@ def training_throughput(task: Task, attack: Any, seed: int, steps: int, warmup: 
         images += step(warmup + i)
     _sync(task.device)
     seconds = time.perf_counter() - start
+    finite.finish(warmup + steps - 1)
     return {"images_per_s": images / seconds, "seconds": seconds, "steps": steps, "warmup_steps": warmup,
             "batch_size": bs, "images": images, "train_samples": n, "torch_threads": torch.get_num_threads(),
             "precision": "bf16" if getattr(task, "amp", False) and (task.device.type == "cuda" or cpu_has_bf16())

@@ -188,6 +188,7 @@ def train_model(task: Task, split: Any, recipe: dict[str, Any], seed: int, desc:
     finite = FiniteCheck(desc)
     bar = tqdm(total=total, desc=desc, disable=quiet(), leave=False)
     batches = (b for _ in range(recipe["epochs"]) for b in task.epoch_batches(split, bs, g))
+    step = -1
     for step, batch in enumerate(itertools.islice(batches, max_steps)):
         loss = task.loss(forward, batch, label_smoothing=recipe.get("label_smoothing", 0.0))
         finite(loss, step)
