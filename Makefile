@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test bench bench-all bench-gpu nft-study leaderboard lint clean
+.PHONY: install test bench bench-all bench-gpu gpu-check nft-study leaderboard lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -33,6 +33,14 @@ bench-gpu: $(STAMP)
 	@test -n "$(DATA_ROOT)" || { echo "bench-gpu: set DATA_ROOT to the folder holding CIFAR-10"; exit 2; }
 	$(VENV)/bin/nftbench perf --dataset cifar10 --data-root "$(DATA_ROOT)" --device cuda --scale $(SCALE) \
 		--defenses nft,anp,i-bau --json results/perf/cifar10-$(SCALE)-cuda.json
+
+# Issue 21's ten-minute GPU check (benchmarks/gpu_check.py): versions, PreAct-ResNet-18 and airbench training
+# throughput, NFT/ANP/I-BAU at paper defaults on a step-capped victim, one NFT cell through the sweep executor, GPU
+# utilisation -> results/perf/gpu-check-<device>.json. DEVICE=cpu: the same on digits with tiny caps (seconds).
+DEVICE ?= cuda
+gpu-check: $(STAMP)
+	@test "$(DEVICE)" = cpu || test -n "$(DATA_ROOT)" || { echo "gpu-check: set DATA_ROOT to the folder holding CIFAR-10"; exit 2; }
+	$(PY) -m benchmarks.gpu_check --device $(DEVICE) $(if $(DATA_ROOT),--data-root "$(DATA_ROOT)")
 
 # Issue 9's NFT study: the development grid (digits, always available), then the CIFAR-10 variant, budget and
 # scale grids (DATA_ROOT with CIFAR-10), then its tables and plots (results/ablations/study.md). Resumable.

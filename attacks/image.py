@@ -46,7 +46,11 @@ class ImageAttack(Attack):
         must return at once when already prepared (no-op for fixed triggers)."""
 
     def poison_batch(self, x: Tensor, rows: Tensor, generator: torch.Generator | None) -> Tensor:
-        """Training batch ``x`` (float, [0, 1]) with the trigger on the poisoned ``rows`` (bool mask)."""
+        """Training batch ``x`` (float, [0, 1]) with the trigger on the poisoned ``rows`` (bool mask). On an
+        accelerator the trigger goes on every row and ``rows`` select, which needs no host sync (testing ``rows`` or
+        indexing with it would wait for the device); on the CPU only the poisoned rows are computed."""
+        if x.device.type != "cpu":
+            return torch.where(rows.view(-1, *[1] * (x.dim() - 1)), self.apply(x), x)
         if rows.any():
             x[rows] = self.apply(x[rows])
         return x

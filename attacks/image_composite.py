@@ -101,7 +101,7 @@ class CompositeBackdoor(ImageAttack):
             j = jitter[rows]
             first = (torch.rand(len(j), generator=generator) * (length // 2 - j)).long()  # [0, L/2 - j)
             second = (torch.rand(len(j), generator=generator) * (length // 2 + j) - j).floor().long()  # [-j, L/2)
-            d = rows.to(a.device)
+            d = torch.nonzero(rows).flatten().to(a.device, non_blocking=True)  # an index: no host sync, unlike a mask
             out[d] = splice(a[d], b[d], j.to(a.device), first.to(a.device), second.to(a.device), dim)
         return out
 
@@ -138,14 +138,16 @@ class CompositeBackdoor(ImageAttack):
         opt, sched, steps = victim_optimizer(model, recipe, len(split))
         truth = task.data.train.y[task.attacker_idx].to(split.y.device)  # true labels (``attacker_train``'s)
         clean = type(split)(split.x, truth)
+        # host copies, once: which rows are poisoned and what to compose is decided on the host, with no sync per step
+        poisoned, labels = split.poisoned.cpu(), truth.cpu()
+        pools = class_pools(labels, task.num_classes)
         bs, n = recipe["batch_size"], len(split)
         bar = progress(recipe["epochs"] * steps, f"victim {self.name}")
         for epoch in range(recipe["epochs"]):
             perm = torch.randperm(n, generator=g)
             for i, idx in enumerate(perm[: n // bs * bs if n >= 2 * bs else n].split(bs)):
                 batch = task.make_batch(clean, idx, True, g)
-                rows = split.poisoned[idx.to(split.poisoned.device)].to(task.device)
-                x = self.poison(task, clean, batch, rows, g)
+                x = self.poison(task, clean, batch, poisoned[idx], g, labels[idx], pools)
                 y = split.y[idx.to(split.y.device)].to(task.device)
                 with autocast(task.device, task.amp):
                     out = model(x).float()
@@ -156,24 +158,31 @@ class CompositeBackdoor(ImageAttack):
         bar.close()
         return model.eval()
 
-    def poison(self, task: Any, clean: Any, batch: Batch, rows: Tensor, generator: torch.Generator) -> Tensor:
+    def poison(self, task: Any, clean: Any, batch: Batch, rows: Tensor, generator: torch.Generator,
+               labels: Tensor | None = None, pools: list[Tensor] | None = None) -> Tensor:
         """Batch ``batch`` (augmented clean images, true labels) with its poisoned ``rows`` as A+B composites and
         ``mix_rate`` of the other rows as same-class composites; each partner a random augmented image of the wanted
-        class from the attacker's set (``clean``, true labels)."""
-        y = batch.targets
+        class from the attacker's set (``clean``, true labels). The choice is made on the host: ``rows``, the batch's
+        true ``labels`` and the attacker's ``pools`` (:func:`class_pools`) given on the CPU spare the copies."""
+        rows, y = rows.cpu(), (batch.targets if labels is None else labels).cpu()
+        pools = class_pools(clean.y.cpu(), task.num_classes) if pools is None else pools
         other = torch.where(y == self.class_a, self.class_b, self.class_a)
-        mixed = ~rows & (torch.rand(len(y), generator=generator) < self.mix_rate).to(y.device)
+        mixed = ~rows & (torch.rand(len(y), generator=generator) < self.mix_rate)
         todo = rows | mixed
         if not todo.any():
             return batch.inputs
-        want = torch.where(rows, other, y)[todo].cpu()
-        labels = clean.y.cpu()
+        want = torch.where(rows, other, y)[todo]
         partner = torch.empty(len(want), dtype=torch.long)
         for c in want.unique().tolist():  # one gather per class, not per image
-            pool = torch.nonzero(labels == c).flatten()
             sel = want == c
-            partner[sel] = pool[torch.randint(len(pool), (int(sel.sum()),), generator=generator)]
+            partner[sel] = pools[c][torch.randint(len(pools[c]), (int(sel.sum()),), generator=generator)]
         partners = task.make_batch(clean, partner, True, generator).inputs
         x = batch.inputs.clone()
-        x[todo] = self.compose(x[todo], partners, generator).to(x.dtype)
+        at = torch.nonzero(todo).flatten().to(x.device, non_blocking=True)
+        x[at] = self.compose(x[at], partners, generator).to(x.dtype)
         return x
+
+
+def class_pools(labels: Tensor, num_classes: int) -> list[Tensor]:
+    """The indices of each class in ``labels`` (on the host): where CBA draws a composite's partner from."""
+    return [torch.nonzero(labels == c).flatten() for c in range(num_classes)]

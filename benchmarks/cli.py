@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import pickle
 import signal
 import sys
@@ -15,6 +16,7 @@ import yaml
 
 from benchmarks import byo_args
 from benchmarks.interrupts import INTERRUPTED, interrupt_handler
+from benchmarks.train_args import add_gpu_arguments
 
 if TYPE_CHECKING:  # torch, the tasks and the defences load only when a command needs them (fast --help, list)
     from benchmarks.run import Paths
@@ -121,7 +123,9 @@ def cmd_train_victim(args: argparse.Namespace) -> None:
                        scale=args.scale, data_root=args.data_root, cache_dir=args.runs_dir, device=args.device,
                        download=args.download)
     raise_problems(attack_class_problems(task, attack))
-    _, meta, d = get_victim(task, attack, args.seed, args.runs_dir)
+    if args.compile:
+        os.environ["NFTBENCH_COMPILE"] = "1"
+    _, meta, d = get_victim(task, attack, args.seed, args.runs_dir, args.max_steps)
     m = meta["metrics"]
     print(json.dumps({"victim": str(d), **m, "train_time_s": round(meta["train_time_s"], 1)}, indent=1))
 
@@ -268,6 +272,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
 
     p = sub.add_parser("train-victim", help="train (or reuse) a backdoored or benign model")
     add_victim_args(p)
+    add_gpu_arguments(p)
     add_common(p)
     p.set_defaults(fn=cmd_train_victim)
 

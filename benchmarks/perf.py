@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import statistics
 import sys
 import time
@@ -35,9 +36,10 @@ import torch
 
 from attacks import create_attack
 from benchmarks.records import device_name, params_label, versions
+from benchmarks.train_args import add_gpu_arguments
 from benchmarks.victims import get_victim, recipe_optimizer
 from defenses import DEFENSES, purify
-from defenses.base import check_finite
+from defenses.base import FiniteCheck, maybe_compile
 from tasks import CleanBudget, Task, create_task
 from tasks.base import cpu_has_bf16
 
@@ -92,6 +94,7 @@ def training_throughput(task: Task, attack: Any, seed: int, steps: int, warmup: 
     torch.manual_seed(seed)
     model = task.build_model().train()
     opt, sched = recipe_optimizer(model, recipe, n)
+    forward, finite = maybe_compile(model), FiniteCheck("perf: victim training")  # as the trainer: no sync per step
     g = torch.Generator().manual_seed(seed + 1)
     batches = task.epoch_batches(split, bs, g)
     images = 0
@@ -102,8 +105,8 @@ def training_throughput(task: Task, attack: Any, seed: int, steps: int, warmup: 
         if batch is None:  # next epoch, as the trainer does
             batches = task.epoch_batches(split, bs, g)
             batch = next(batches)
-        loss = task.loss(model, batch, label_smoothing=recipe.get("label_smoothing", 0.0))
-        check_finite(loss, "perf: victim training", i)
+        loss = task.loss(forward, batch, label_smoothing=recipe.get("label_smoothing", 0.0))
+        finite(loss, i)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -118,6 +121,7 @@ def training_throughput(task: Task, attack: Any, seed: int, steps: int, warmup: 
         images += step(warmup + i)
     _sync(task.device)
     seconds = time.perf_counter() - start
+    finite.finish(warmup + steps - 1)
     return {"images_per_s": images / seconds, "seconds": seconds, "steps": steps, "warmup_steps": warmup,
             "batch_size": bs, "images": images, "train_samples": n, "torch_threads": torch.get_num_threads(),
             "precision": "bf16" if getattr(task, "amp", False) and (task.device.type == "cuda" or cpu_has_bf16())
@@ -215,6 +219,8 @@ def report(result: dict[str, Any]) -> str:
 
 
 def run_perf(args: argparse.Namespace) -> dict[str, Any]:
+    if getattr(args, "compile", None):
+        os.environ["NFTBENCH_COMPILE"] = "1"
     if args.repeats < 1 or (args.train_steps is not None and args.train_steps < 1) or args.quick_factor <= 0:
         raise ValueError("--repeats and --train-steps must be >= 1 and --quick-factor > 0")
     sets = parse_sets(args.set)
@@ -246,7 +252,7 @@ def run_perf(args: argparse.Namespace) -> dict[str, Any]:
     warmup = args.warmup_steps if args.warmup_steps is not None else (2 if args.quick else 10)
 
     print("perf: victim (cached, or trained now)", file=sys.stderr, flush=True)
-    model, victim, vdir = get_victim(task, attack, args.seed, args.runs_dir)
+    model, victim, vdir = get_victim(task, attack, args.seed, args.runs_dir, getattr(args, "max_steps", None))
     clean = task.clean_split(budget, args.seed)
     print(f"perf: training throughput ({warmup} warm-up + {train_steps} timed steps)", file=sys.stderr, flush=True)
     training = training_throughput(task, attack, args.seed, train_steps, warmup)
@@ -296,6 +302,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="a defence option, repeatable (e.g. nft.steps=200); applied after --quick")
     p.add_argument("--train-steps", type=int, default=None, help="timed training steps (default 50; --quick 10)")
     p.add_argument("--warmup-steps", type=int, default=None, help="untimed steps first (default 10; --quick 2)")
+    add_gpu_arguments(p)
     p.add_argument("--repeats", type=int, default=1, help="runs per defence; the median is reported (default 1)")
     p.add_argument("--json", default=None, metavar="PATH", help="also write the full result as JSON")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")

@@ -77,16 +77,21 @@ SWEEP_KEYS = {
 }
 REQUIRED = ("datasets", "attacks", "defenses", "budgets", "seeds")
 
-# Rough wall-clock cost in seconds of one victim and of one defence run, per (dataset, scale) and device kind.
-# These are ESTIMATES for `nftbench sweep --dry-run`, not measurements of this machine: "cpu" is a 2-core box
-# (measured order of magnitude for digits; CIFAR-size numbers scaled from images x epochs), "gpu" one
-# H100/H200-class GPU with bf16 autocast (PreAct-ResNet-18 at ~5 s per CIFAR-10 epoch). A defence run includes
-# its evaluation; DEFENSE_COST_FACTOR scales it per defence (NFT = 1).
+# Rough wall-clock cost in seconds of one victim and of one defence run, per (dataset, scale) and device kind, for
+# `nftbench sweep --dry-run`'s ESTIMATE. "cpu": one thread of the 2-core development box. Entries marked "measured"
+# are medians of that box's own records (victim.json train_time_s; a NFT run from its record's start to finish,
+# evaluation included), with their dates; the others are scaled from them by images x epochs. "gpu": one
+# H100/H200-class GPU with bf16 autocast, NOT measured (no GPU was available; PreAct-ResNet-18 assumed at ~5 s per
+# CIFAR-10 epoch): `make gpu-check` measures it. DEFENSE_COST_FACTOR scales a defence run per defence (NFT = 1).
 COST_TABLE: dict[tuple[str, str], dict[str, tuple[float, float]]] = {
     # (dataset, scale): {"cpu": (victim_s, defence_s), "gpu": (victim_s, defence_s)}
-    ("digits", "quick"): {"cpu": (60, 15), "gpu": (15, 5)},
+    ("digits", "quick"): {"cpu": (8, 18), "gpu": (15, 5)},  # measured 2026-11-29: 9 victims, 121 NFT runs
     ("digits", "paper"): {"cpu": (150, 20), "gpu": (25, 5)},
-    ("cifar10", "quick"): {"cpu": (3600, 240), "gpu": (60, 10)},
+    ("cifar10", "quick"): {"cpu": (1100, 140), "gpu": (60, 10)},  # measured 2026-11-28/29: 21 victims, 184 NFT runs
+    # airbench, cpu: the victim measured by the lead (issue 20: ~30 min at ~460 images/s); NFT measured 2026-12-06:
+    # 0.135 s of CPU per step (1000 steps) + ~8 s per evaluation. gtsrb: CIFAR-10's victim x 37k / 47.5k images
+    ("cifar10", "fast"): {"cpu": (1800, 150), "gpu": (30, 10)},
+    ("gtsrb", "fast"): {"cpu": (1400, 150), "gpu": (25, 10)},
     ("cifar10", "paper"): {"cpu": (200_000, 3000), "gpu": (500, 20)},
     ("gtsrb", "quick"): {"cpu": (3000, 240), "gpu": (50, 10)},
     ("gtsrb", "paper"): {"cpu": (160_000, 3000), "gpu": (400, 20)},
@@ -97,13 +102,22 @@ COST_TABLE: dict[tuple[str, str], dict[str, tuple[float, float]]] = {
     # point clouds (tasks/point_cloud.py). procedural quick measured on the 2-core box (victim ~25 s, NFT's default
     # 1,000 steps of 128 ~3-6 min); ModelNet includes the one-time mesh decode; GPU numbers are guesses (PointNet
     # with T-Nets, 1024 points, ~10 ms per step of 32: 250 epochs of ModelNet40 = 73k steps)
-    ("procedural", "quick"): {"cpu": (30, 300), "gpu": (10, 10)},
+    ("procedural", "quick"): {"cpu": (20, 23), "gpu": (10, 10)},  # measured 2026-11-28: 6 victims, 6 NFT runs
     ("procedural", "paper"): {"cpu": (30_000, 6000), "gpu": (150, 20)},
     ("modelnet10", "quick"): {"cpu": (400, 300), "gpu": (40, 10)},
     ("modelnet10", "paper"): {"cpu": (800_000, 6000), "gpu": (400, 30)},
     ("modelnet40", "quick"): {"cpu": (900, 300), "gpu": (60, 10)},
     ("modelnet40", "paper"): {"cpu": (2_000_000, 6000), "gpu": (900, 30)},
+    ("multi30k", "quick"): {"cpu": (2400, 560), "gpu": (120, 30)},  # cpu measured 2026-11-29: 1 victim, 1 NFT run
 }
+# Trainings an attack causes besides its victim (``extra_trainings``): the task's clean model (Trojan, CLB and LF
+# optimise their trigger against it; shared by them, and the benign victim of the same seed when the grid has one),
+# PCBA's surrogate (the recipe on ``surrogate_samples`` clouds: a victim x that share of the training set) and the
+# trigger networks ISSBA and FBA train (their steps x a victim step's cost, as if a step cost the same; where the
+# training set's size is not listed, one victim).
+CLEAN_MODEL_ATTACKS = ("trojan", "clb", "lf")
+TRIGGER_NETWORK_STEPS = {"issba": ("encoder_steps", 3000), "fba": ("style_steps", 1000)}
+TRAIN_SAMPLES = {"modelnet40": 9843, "modelnet10": 3991, "cifar10": 50000, "gtsrb": 39209, "tiny-imagenet": 100000}
 DEFAULT_COST = {"quick": {"cpu": (3600, 240), "gpu": (60, 10)}, "paper": {"cpu": (200_000, 3000), "gpu": (500, 20)}}
 # Newer defences: their time / NFT's time measured on the CIFAR-10 quick victims (results/cifar10-quick).
 DEFENSE_COST_FACTOR = {"none": 0.05, "nft": 1.0, "ft": 1.0, "fine-pruning": 1.5, "anp": 3.0, "i-bau": 2.0,
@@ -547,10 +561,15 @@ def estimate(plan: Plan, kind: str, workers: int) -> dict[str, Any]:
     todo = [c for c in plan.cells if c.status in ("todo", "unresolved")]
     victims_all = {_victim_key(c) for c in plan.cells}
     train = {_victim_key(c): c for c in todo if not c.victim_cached}
+    extra = extra_trainings(plan, list(train.values()))
     seconds = 0.0
     for c in train.values():
         cost = COST_TABLE.get((c.cfg.dataset, c.cfg.scale)) or DEFAULT_COST.get(c.cfg.scale, DEFAULT_COST["quick"])
         seconds += cost[kind][0]
+    for kind_of, cells in extra.items():
+        for c in cells.values():
+            cost = COST_TABLE.get((c.cfg.dataset, c.cfg.scale)) or DEFAULT_COST.get(c.cfg.scale, DEFAULT_COST["quick"])
+            seconds += cost[kind][0] * extra_share(kind_of, c)
     for c in todo:
         cost = COST_TABLE.get((c.cfg.dataset, c.cfg.scale)) or DEFAULT_COST.get(c.cfg.scale, DEFAULT_COST["quick"])
         seconds += cost[kind][1] * DEFENSE_COST_FACTOR.get(c.cfg.defense, 1.0)
@@ -563,9 +582,41 @@ def estimate(plan: Plan, kind: str, workers: int) -> dict[str, Any]:
         "victims_unresolved": len({_victim_key(c) for c in plan.cells if c.status == "unresolved"}),
         "victims_cached": len({c.victim_id for c in plan.cells if c.victim_id and c.victim_cached}),
         "defense_runs": sum(c.cfg.defense != "none" for c in todo),
+        **{f"{k}_to_train": len(v) for k, v in extra.items()},
         "estimated_s": seconds / max(1, workers),
         "device": kind, "workers": workers,
     }
+
+
+def extra_trainings(plan: Plan, training: list[Cell]) -> dict[str, dict[str, Cell]]:
+    """The trainings besides victims that the cells of ``training`` (victims to train) cause, one cell standing for
+    each: clean models (not counted where the grid has the benign victim they are), surrogates, trigger networks."""
+    cfg_key = lambda c, *more: config_hash([c.cfg.task, c.cfg.dataset, c.cfg.model, c.cfg.model_kwargs,  # noqa: E731
+                                            c.cfg.scale, *more])
+    benign = {cfg_key(c, c.cfg.seed) for c in plan.cells if c.cfg.attack is None}
+    out: dict[str, dict[str, Cell]] = {"clean_models": {}, "surrogates": {}, "trigger_networks": {}}
+    for c in training:
+        if c.cfg.attack in CLEAN_MODEL_ATTACKS and cfg_key(c, c.cfg.seed) not in benign:
+            out["clean_models"].setdefault(cfg_key(c, c.cfg.seed), c)
+        elif c.cfg.attack == "pcba":
+            out["surrogates"].setdefault(cfg_key(c, c.cfg.seed, c.cfg.attack_params), c)
+        elif c.cfg.attack in TRIGGER_NETWORK_STEPS:
+            out["trigger_networks"].setdefault(cfg_key(c, c.cfg.seed, c.cfg.attack, c.cfg.attack_params), c)
+    return out
+
+
+def extra_share(kind_of: str, c: Cell) -> float:
+    """An extra training's cost as a share of the cell's victim's (see ``CLEAN_MODEL_ATTACKS``)."""
+    n = TRAIN_SAMPLES.get(c.cfg.dataset)
+    if kind_of == "clean_models" or n is None:
+        return 1.0
+    if kind_of == "surrogates":
+        return min(1.0, c.cfg.attack_params.get("surrogate_samples", 1000) / n)
+    from tasks.image_classification import DATASET_RECIPES, RECIPES
+
+    recipe = {**RECIPES.get(c.cfg.scale, RECIPES["quick"]), **DATASET_RECIPES.get((c.cfg.dataset, c.cfg.scale), {})}
+    field_name, default = TRIGGER_NETWORK_STEPS[c.cfg.attack]
+    return min(1.0, c.cfg.attack_params.get(field_name, default) / (recipe["epochs"] * n // recipe["batch_size"]))
 
 
 def human_time(s: float) -> str:
@@ -595,7 +646,9 @@ def describe_plan(plan: Plan, est: dict[str, Any]) -> str:
         f"{est['cells']} cells: {est['done']} done (skipped), {est['reuse']} copied from --reuse folders, "
         f"{est['to_run']} to run, {est['unresolved']} that cannot "
         f"be resolved here (recorded as errors); victims: {est['victims']} ({est['victims_to_train']} to train, "
-        f"{est['victims_cached']} cached); defence runs: {est['defense_runs']} (+ 'none' baselines)"
+        f"{est['victims_cached']} cached); defence runs: {est['defense_runs']} (+ 'none' baselines); also to train: "
+        f"{est['clean_models_to_train']} clean model(s), {est['surrogates_to_train']} surrogate(s), "
+        f"{est['trigger_networks_to_train']} trigger network(s)"
     )
     extra = " (unresolved cells counted as if their data were present)" if est["unresolved"] else ""
     lines.append(f"estimated time: ~{human_time(est['estimated_s'])} on {est['workers']} {est['device'].upper()} "

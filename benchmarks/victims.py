@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import math
 import os
@@ -19,7 +20,7 @@ from tqdm.auto import tqdm
 from attacks.base import Attack
 from benchmarks.checkpoint import load_checkpoint, load_state, save_checkpoint
 from benchmarks.records import config_hash, device_name, versions
-from defenses.base import check_finite
+from defenses.base import FiniteCheck, fused_options, maybe_compile
 from tasks.base import Task, cpu_has_bf16
 from tasks.fileio import file_lock
 
@@ -27,9 +28,11 @@ VICTIM_FORMAT = 1
 ATTACK_ARTIFACTS = "attack.safetensors"
 
 
-def victim_config(task: Task, attack: Attack | None, seed: int) -> dict[str, Any]:
-    return {"format": VICTIM_FORMAT, "task": task.config(), "attack": attack.config() if attack else None,
-            "seed": seed, "recipe": task.recipe()}
+def victim_config(task: Task, attack: Attack | None, seed: int, max_steps: int | None = None) -> dict[str, Any]:
+    """What a victim's id hashes; a step-capped victim (``max_steps``, for timing runs) gets an id of its own."""
+    config = {"format": VICTIM_FORMAT, "task": task.config(), "attack": attack.config() if attack else None,
+              "seed": seed, "recipe": task.recipe()}
+    return config if max_steps is None else {**config, "max_steps": max_steps}
 
 
 def victim_dir(runs_dir: str | os.PathLike, config: dict[str, Any]) -> Path:
@@ -72,8 +75,8 @@ def recipe_optimizer(model: nn.Module, recipe: dict[str, Any], n: int) -> tuple[
         betas = (recipe["momentum"], recipe.get("beta2", 0.999))
         opt = torch.optim.Adam(groups, lr=recipe["lr"], betas=betas, weight_decay=recipe["weight_decay"])
     else:
-        opt = torch.optim.SGD(groups, lr=recipe["lr"], momentum=recipe["momentum"],
-                              nesterov=recipe["nesterov"], weight_decay=recipe["weight_decay"])
+        opt = torch.optim.SGD(groups, lr=recipe["lr"], momentum=recipe["momentum"], nesterov=recipe["nesterov"],
+                              weight_decay=recipe["weight_decay"], **fused_options(model))
     if recipe["schedule"] == "onecycle":
         sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=recipe["lr"], total_steps=total, pct_start=0.25,
                                                     anneal_strategy="linear", div_factor=10, final_div_factor=20)
@@ -159,44 +162,56 @@ class Lookahead:
         return self.schedule.get_last_lr()
 
 
-def train_model(task: Task, split: Any, recipe: dict[str, Any], seed: int, desc: str = "train") -> nn.Module:
-    """Train a fresh model on ``split`` with the task's recipe (optimiser and schedule: :func:`recipe_optimizer`)."""
+def train_model(task: Task, split: Any, recipe: dict[str, Any], seed: int, desc: str = "train",
+                max_steps: int | None = None) -> nn.Module:
+    """Train a fresh model on ``split`` with the task's recipe (optimiser and schedule: :func:`recipe_optimizer`);
+    ``max_steps`` stops it early on the recipe's own schedule (timing runs). No host sync per step: the NaN check
+    reads back every 100 steps on an accelerator (:class:`FiniteCheck`), the loss only when a progress bar shows."""
     torch.manual_seed(seed)
     model = task.build_model()
     model.train()
+    forward = maybe_compile(model)
     g = torch.Generator().manual_seed(seed + 1)
     n, bs = task.split_sizes(split), recipe["batch_size"]
     total = recipe["epochs"] * steps_per_epoch(n, bs)
+    total = total if max_steps is None else min(total, max_steps)
     opt, sched = recipe_optimizer(model, recipe, n)
-    step = 0
+    finite = FiniteCheck(desc)
     bar = tqdm(total=total, desc=desc, disable=quiet(), leave=False)
-    for _ in range(recipe["epochs"]):
-        for batch in task.epoch_batches(split, bs, g):
-            loss = task.loss(model, batch, label_smoothing=recipe.get("label_smoothing", 0.0))
-            check_finite(loss, desc, step)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            step += 1
-            bar.update()
-            if step % 20 == 0:
-                bar.set_postfix(loss=f"{loss.item():.3f}")
+    batches = (b for _ in range(recipe["epochs"]) for b in task.epoch_batches(split, bs, g))
+    step = -1
+    for step, batch in enumerate(itertools.islice(batches, max_steps)):
+        loss = task.loss(forward, batch, label_smoothing=recipe.get("label_smoothing", 0.0))
+        finite(loss, step)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        bar.update()
+        if (step + 1) % 20 == 0 and not bar.disable:
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+    finite.finish(step)
     bar.close()
     model.eval()
     return model
 
 
-def get_victim(task: Task, attack: Attack | None, seed: int, runs_dir: str | os.PathLike = "runs"
-               ) -> tuple[nn.Module, dict[str, Any], Path]:
-    """Load the cached victim for this config, or train and cache it. Returns (model, victim.json, dir)."""
+def get_victim(task: Task, attack: Attack | None, seed: int, runs_dir: str | os.PathLike = "runs",
+               max_steps: int | None = None) -> tuple[nn.Module, dict[str, Any], Path]:
+    """Load the cached victim for this config, or train and cache it. Returns (model, victim.json, dir).
+    ``max_steps`` caps the training (a timing run's victim, cached under its own id)."""
     task.check_attack(attack)
-    config = victim_config(task, attack, seed)
+    if max_steps is not None and max_steps < 1:
+        raise ValueError(f"--max-steps must be >= 1, got {max_steps}")
+    if max_steps is not None and attack is not None and type(attack).train_victim is not Attack.train_victim:
+        raise ValueError(f"attack {attack.name!r} trains its victim itself, which --max-steps does not cap; "
+                         "leave --max-steps out")
+    config = victim_config(task, attack, seed, max_steps)
     d = victim_dir(runs_dir, config)
     if not _cached(d):
         with victim_lock(d):  # another worker may be training it: wait, then load its result
             if not _cached(d):
-                return _train_victim(task, attack, seed, config, d)
+                return _train_victim(task, attack, seed, config, d, max_steps)
     meta = json.loads((d / "victim.json").read_text())
     model = load_checkpoint(d / "model.safetensors", task.build_model())
     load_attack_artifacts(attack, d)
@@ -222,8 +237,8 @@ def _cached(d: Path) -> bool:
     return (d / "victim.json").is_file() and (d / "model.safetensors").is_file()
 
 
-def _train_victim(task: Task, attack: Attack | None, seed: int, config: dict[str, Any], d: Path
-                  ) -> tuple[nn.Module, dict[str, Any], Path]:
+def _train_victim(task: Task, attack: Attack | None, seed: int, config: dict[str, Any], d: Path,
+                  max_steps: int | None = None) -> tuple[nn.Module, dict[str, Any], Path]:
     if task.device.type == "cuda":
         torch.cuda.synchronize(task.device)
     start = time.perf_counter()
@@ -231,13 +246,14 @@ def _train_victim(task: Task, attack: Attack | None, seed: int, config: dict[str
     name = attack.name if attack else "benign"
     model = attack.train_victim(task, train, task.recipe(), seed) if attack is not None else None
     if model is None:
-        model = train_model(task, train, task.recipe(), seed, desc=f"victim {name}")
+        model = train_model(task, train, task.recipe(), seed, desc=f"victim {name}", max_steps=max_steps)
     if task.device.type == "cuda":
         torch.cuda.synchronize(task.device)
     train_time = time.perf_counter() - start
     recipe = task.recipe()
     n = task.split_sizes(train)
-    steps = recipe["epochs"] * (max(1, n // recipe["batch_size"]) if n >= 2 * recipe["batch_size"] else 1)
+    steps = recipe["epochs"] * steps_per_epoch(n, recipe["batch_size"])
+    steps = steps if max_steps is None else min(steps, max_steps)
     metrics = task.evaluate(model, attack)
     meta = {
         "victim_id": d.name, "config": config, "metrics": metrics, "train_time_s": train_time,

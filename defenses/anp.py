@@ -53,7 +53,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from defenses.base import check_finite, register_defense
+from defenses.base import FiniteCheck, fused_options, maybe_compile, register_defense
 from defenses.masking import MaskedLayer, NeuronMasks
 
 PRUNE_RULES = ("threshold", "number", "fraction", "clean_acc")
@@ -96,15 +96,14 @@ def adversarial_noise(task: Any, model: nn.Module, masks: NeuronMasks, batch: An
                       generator: torch.Generator) -> tuple[list[Tensor], list[Tensor]]:
     """ANP's inner maximisation: ``delta`` (masks) and ``xi`` (biases) that raise the loss on ``batch``.
 
-    Both start uniform in ``[-eps, eps]`` and take ``steps`` steps of ``eps / steps`` along the sign of
-    the gradient; the noise is cleared from the model on return.
+    Both start uniform in ``[-eps, eps]`` (one draw and one copy to the device for all layers, the same numbers as
+    a draw per tensor in turn) and take ``steps`` steps of ``eps / steps`` along the sign of the gradient; the noise
+    is cleared from the model on return.
     """
-
-    def uniform(m: Tensor) -> Tensor:
-        return ((torch.rand(m.shape, generator=generator) * 2 - 1) * eps).to(m.device)
-
-    delta = [uniform(m) for m in masks.masks]
-    xi = [uniform(m) for m in masks.masks]
+    sizes = [m.numel() for m in masks.masks] * 2
+    noise = ((torch.rand(sum(sizes), generator=generator) * 2 - 1) * eps).to(masks.masks[0].device, non_blocking=True)
+    parts = [t.view_as(m) for t, m in zip(noise.split(sizes), [*masks.masks, *masks.masks], strict=True)]
+    delta, xi = parts[: len(masks.masks)], parts[len(masks.masks):]
     size = eps / max(steps, 1)
     try:
         for _ in range(steps):
@@ -123,22 +122,24 @@ def optimize_masks(model: nn.Module, task: Any, clean: Any, cfg: ANPConfig, seed
                    on_step: Callable[[int, NeuronMasks], None] | None = None) -> tuple[NeuronMasks, dict[str, Any]]:
     """ANP's mask optimisation on ``model`` (whose parameters the caller has frozen); masks stay attached."""
     masks = NeuronMasks(model, task.mask_target, exclude=() if cfg.include_stem else None, bias_noise=True)
-    opt = torch.optim.SGD(masks.parameters(), lr=cfg.lr, momentum=cfg.momentum)
+    opt = torch.optim.SGD(masks.parameters(), lr=cfg.lr, momentum=cfg.momentum, **fused_options(model))
     g = torch.Generator().manual_seed(seed)
     model.train(cfg.train_mode_bn)
+    forward = maybe_compile(model)
+    finite = FiniteCheck("anp")
     losses = []
     for it in range(cfg.iterations):
         batch = task.sample_batch(clean, cfg.batch_size, g, augment=cfg.augment)
         if cfg.eps > 0:
-            delta, xi = adversarial_noise(task, model, masks, batch, cfg.eps, cfg.steps, g)
+            delta, xi = adversarial_noise(task, forward, masks, batch, cfg.eps, cfg.steps, g)
             masks.set_noise(delta, xi)
-            loss_rob = task.loss(model, batch)
+            loss_rob = task.loss(forward, batch)
             masks.set_noise(None, None)
         else:
             loss_rob = torch.zeros((), device=task.device)
-        loss_nat = task.loss(model, batch)
+        loss_nat = task.loss(forward, batch)
         loss = cfg.alpha * loss_nat + (1 - cfg.alpha) * loss_rob
-        check_finite(loss, "anp", it)
+        finite(loss, it)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -146,7 +147,9 @@ def optimize_masks(model: nn.Module, task: Any, clean: Any, cfg: ANPConfig, seed
         if on_step is not None:
             on_step(it, masks)
         if it % 100 == 0 or it == cfg.iterations - 1:
-            losses.append([round(loss_nat.item(), 4), round(loss_rob.item(), 4)])
+            losses.append(torch.stack([loss_nat.detach(), loss_rob.detach()]))  # read back once, after the loop
+    finite.finish(cfg.iterations - 1)
+    losses = [[round(v, 4) for v in pair] for pair in torch.stack(losses).tolist()]
     per_iter_fwd, per_iter_bwd = (cfg.steps + 2, cfg.steps + 1) if cfg.eps > 0 else (1, 1)
     info = {
         "iterations": cfg.iterations, "clean_samples": task.split_sizes(clean),

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from defenses.base import check_finite, register_defense
+from defenses.base import FiniteCheck, fused_options, maybe_compile, register_defense
 from defenses.masking import FAMILIES, TRANSFORMER_TARGETS, NeuronMasks
 
 MASK_TARGETS = (*FAMILIES, *TRANSFORMER_TARGETS)
@@ -81,8 +81,10 @@ def nft(model: nn.Module, task: Any, clean: Any, cfg: NFTConfig, seed: int = 0) 
     target = cfg.mask_target or task.mask_target
     masks = NeuronMasks(model, target)
     floors = layer_floors(len(masks), cfg.floor_alpha, cfg.floor_beta) if cfg.floors else [0.0] * len(masks)
-    opt = torch.optim.SGD(masks.parameters(), lr=cfg.lr, momentum=cfg.momentum)
+    opt = torch.optim.SGD(masks.parameters(), lr=cfg.lr, momentum=cfg.momentum, **fused_options(model))
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.steps, eta_min=cfg.final_lr)
+    forward = maybe_compile(model)
+    finite = FiniteCheck("nft")
     n_clean = task.split_sizes(clean)
     per_class = task.samples_per_class(clean)
     g = torch.Generator().manual_seed(seed)
@@ -93,22 +95,24 @@ def nft(model: nn.Module, task: Any, clean: Any, cfg: NFTConfig, seed: int = 0) 
         for step in range(cfg.steps):
             batch = task.sample_batch(clean, cfg.batch_size, g, augment=cfg.augment)
             if not cfg.mixup:
-                loss = task.loss(model, batch)
+                loss = task.loss(forward, batch)
             elif cfg.mix == "cutmix":
-                loss = task.cutmix_loss(model, batch, cfg.mixup_alpha, g)
+                loss = task.cutmix_loss(forward, batch, cfg.mixup_alpha, g)
             else:
-                loss = task.mixup_loss(model, batch, cfg.mixup_alpha, g)
+                loss = task.mixup_loss(forward, batch, cfg.mixup_alpha, g)
             reg = sum((1 - m).abs().sum() for m in masks.masks) / per_class
             total = loss + cfg.eta * reg
-            check_finite(total, "nft", step)
+            finite(total, step)
             opt.zero_grad(set_to_none=True)
             total.backward()
             opt.step()
             sched.step()
             masks.clamp_(floors, 1.0)
             if step % 50 == 0 or step == cfg.steps - 1:
-                losses.append(round(loss.item(), 4))
-        info = {"steps": cfg.steps, "clean_samples": n_clean, "mask_target": target, "loss_trace": losses,
+                losses.append(loss.detach())  # read back once, after the loop
+        finite.finish(cfg.steps - 1)
+        trace = [round(v, 4) for v in torch.stack(losses).tolist()]
+        info = {"steps": cfg.steps, "clean_samples": n_clean, "mask_target": target, "loss_trace": trace,
                 **masks.statistics()}
         done = True
     finally:  # on success the masks are folded in; on failure the model gets its own weights back

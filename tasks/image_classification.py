@@ -218,9 +218,10 @@ class ImageClassificationTask(TensorBatches, Task):
         NFT), or the recipe's ``crop_padding`` and ``pad_mode`` (the fast recipe: airbench's 2-px reflect)."""
         n, _, h, w = x.shape
         pad = self.crop_padding or max(1, h // 8)
-        dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator).to(x.device)
-        dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator).to(x.device)
-        flip = (torch.rand(n, generator=generator) < 0.5).to(x.device)
+        # drawn on the host (the CPU stream, as ever); a non-blocking copy does not wait for the device's queue
+        dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator).to(x.device, non_blocking=True)
+        dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator).to(x.device, non_blocking=True)
+        flip = (torch.rand(n, generator=generator) < 0.5).to(x.device, non_blocking=True)
         padded = F.pad(x, (pad, pad, pad, pad), mode=self.pad_mode)
         rows = (dy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]
         cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, None, :]
@@ -229,10 +230,10 @@ class ImageClassificationTask(TensorBatches, Task):
         return padded[torch.arange(n, device=x.device)[:, None, None, None], chans, rows, cols]
 
     def make_batch(self, split: ImageSet, idx: Tensor, augment: bool, generator: torch.Generator | None) -> Batch:
-        x = split.x[idx.to(split.x.device)].to(self.device, non_blocking=True)
-        y = split.y[idx.to(split.y.device)].to(self.device, non_blocking=True)
+        x = split.x[idx.to(split.x.device, non_blocking=True)].to(self.device, non_blocking=True)
+        y = split.y[idx.to(split.y.device, non_blocking=True)].to(self.device, non_blocking=True)
         if split.trigger is not None:  # trigger first, stored as uint8 like a released poisoned image; then augment
-            rows = split.poisoned[idx.to(split.poisoned.device)].to(self.device)
+            rows = split.poisoned[idx.to(split.poisoned.device, non_blocking=True)].to(self.device)
             x = to_uint8(split.trigger(to_float(x), rows, generator))
         if augment:
             x = self.augment(x, generator)
@@ -251,7 +252,7 @@ class ImageClassificationTask(TensorBatches, Task):
         """MixUp (Zhang et al., ICLR 2018): one lambda ~ Beta(alpha, alpha) per batch, partner = a random
         permutation of the batch; loss = lambda * CE(y_a) + (1 - lambda) * CE(y_b), as in NFT's code."""
         lam = beta_sample(alpha, generator)
-        perm = torch.randperm(len(batch), generator=generator).to(self.device)
+        perm = torch.randperm(len(batch), generator=generator).to(self.device, non_blocking=True)
         x = lam * batch.inputs + (1 - lam) * batch.inputs[perm]
         with autocast(self.device, self.amp):
             logits = model(x).float()
@@ -262,7 +263,7 @@ class ImageClassificationTask(TensorBatches, Task):
         area ~(1 - lambda) at a uniform centre (clipped at the border) pasted from a permutation of the batch,
         lambda recomputed from the pasted area; loss = lambda * CE(y_a) + (1 - lambda) * CE(y_b)."""
         lam = beta_sample(alpha, generator)
-        perm = torch.randperm(len(batch), generator=generator).to(self.device)
+        perm = torch.randperm(len(batch), generator=generator).to(self.device, non_blocking=True)
         h, w = batch.inputs.shape[-2:]
         cut = math.sqrt(1 - lam)
         cy, cx = (int(v) for v in torch.randint(0, h, (1,), generator=generator).tolist()
