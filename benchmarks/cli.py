@@ -16,6 +16,7 @@ from benchmarks.run import Paths, RunConfig, purify_victim, run_once
 from benchmarks.victims import get_victim
 from defenses import DEFENSES
 from tasks import TASKS, CleanBudget, create_task
+from tasks.base import PRECISION_ENV, PRECISIONS, set_precision
 
 
 def parse_params(items: list[str] | None) -> dict[str, Any]:
@@ -28,8 +29,16 @@ def parse_params(items: list[str] | None) -> dict[str, Any]:
     return out
 
 
+def add_precision(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--precision", choices=PRECISIONS, default=None,
+                   help="autocast precision of training and defences: auto = bf16 on GPUs and on CPUs with native "
+                        "bf16 (AMX, AVX512-BF16), else fp32; fp32; bf16. Recorded in victim.json and run records; "
+                        f"fp32 or bf16 give victims and runs ids of their own (default: ${PRECISION_ENV} or auto)")
+
+
 def add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
+    add_precision(p)
     p.add_argument("--data-root", default=None, help="folder holding the datasets (default: $DATA_ROOT or ./data)")
     p.add_argument("--runs-dir", default="runs", help="cache of decoded datasets, victims and records")
     p.add_argument("--download", action="store_true", help="allow downloading a missing dataset")
@@ -249,6 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
+        if getattr(args, "precision", None):
+            set_precision(args.precision)
         if getattr(args, "task", None) is not None and hasattr(args, "dataset"):
             task_cls = TASKS.get(args.task)
             args.dataset = args.dataset or task_cls.default_dataset

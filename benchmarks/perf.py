@@ -33,11 +33,13 @@ from typing import Any
 import torch
 
 from attacks import create_attack
-from benchmarks.records import device_name, params_label, versions
+from benchmarks.cli import add_precision
+from benchmarks.records import device_name, numerics, params_label, versions
 from benchmarks.victims import get_victim
 from defenses import DEFENSES, purify
 from defenses.base import check_finite
 from tasks import CleanBudget, Task, create_task
+from tasks.base import set_precision
 
 # The option(s) that set how long each defence runs; --quick scales them. A defence not listed here gets its
 # integer fields with one of GENERIC_STEP_FIELDS' names scaled.
@@ -257,7 +259,8 @@ def run_perf(args: argparse.Namespace) -> dict[str, Any]:
     result = {
         "task": args.task, "dataset": args.dataset, "model": task.config().get("model"), "scale": args.scale,
         "attack": args.attack, "seed": args.seed, "budget": budget.describe(), "clean_samples": task.split_sizes(clean),
-        "device": device_name(task.device), "mode": mode, "quick": args.quick, "repeats": args.repeats,
+        "device": device_name(task.device), **numerics(task), "mode": mode, "quick": args.quick,
+        "repeats": args.repeats,
         "victim": {"victim_id": victim["victim_id"], "dir": str(vdir),
                    "recorded_train_images_per_s": victim.get("train_images_per_s")},
         "training": training, "defenses": rows, "versions": versions(),
@@ -294,6 +297,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeats", type=int, default=1, help="runs per defence; the median is reported (default 1)")
     p.add_argument("--json", default=None, metavar="PATH", help="also write the full result as JSON")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
+    add_precision(p)
     p.add_argument("--data-root", default=None, help="folder holding the datasets (default: $DATA_ROOT or ./data)")
     p.add_argument("--runs-dir", default="runs", help="cache of decoded datasets and victims")
     p.add_argument("--download", action="store_true", help="allow downloading a missing dataset")
@@ -306,6 +310,8 @@ def main(argv: list[str] | None = None) -> None:
     add_arguments(parser)
     args = parser.parse_args(argv)
     try:
+        if args.precision:
+            set_precision(args.precision)
         run_perf(args)
     except (KeyError, ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"nftbench perf: error: {e}", file=sys.stderr)

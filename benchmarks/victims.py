@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from attacks.base import Attack
 from benchmarks.checkpoint import load_checkpoint, load_state, save_checkpoint
-from benchmarks.records import config_hash, device_name, versions
+from benchmarks.records import config_hash, device_name, numerics, precision_identity, versions
 from defenses.base import check_finite
 from tasks.base import Task
 
@@ -27,8 +27,9 @@ ATTACK_ARTIFACTS = "attack.safetensors"
 
 
 def victim_config(task: Task, attack: Attack | None, seed: int) -> dict[str, Any]:
+    """What a victim is, hashed into its id; with :func:`precision_identity` (only a precision set explicitly)."""
     return {"format": VICTIM_FORMAT, "task": task.config(), "attack": attack.config() if attack else None,
-            "seed": seed, "recipe": task.recipe()}
+            "seed": seed, "recipe": task.recipe(), **precision_identity()}
 
 
 def victim_dir(runs_dir: str | os.PathLike, config: dict[str, Any]) -> Path:
@@ -173,7 +174,7 @@ def _train_victim(task: Task, attack: Attack | None, seed: int, config: dict[str
         "victim_id": d.name, "config": config, "metrics": metrics, "train_time_s": train_time,
         "train_images_per_s": steps * min(n, recipe["batch_size"]) / train_time,
         "train_samples": n, "poisoned_samples": len(poisoned),
-        "device": device_name(task.device), "versions": versions(),
+        "device": device_name(task.device), **numerics(task), "versions": versions(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     info = attack.victim_info() if attack is not None else {}
