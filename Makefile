@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test bench bench-all bench-gpu gpu-check nft-study leaderboard lint clean
+.PHONY: install test test-all bench bench-all bench-gpu gpu-check nft-study leaderboard lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -14,8 +14,13 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# test: the default tier (everything that guards correctness); test-all adds the slow tier. PYTEST_ARGS: extra
+# pytest options (CI: --durations=15).
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+test-all: $(STAMP)
+	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 # The quick preset computed afresh (victims included) into runs/bench (git-ignored), printed beside the committed
 # reference results/quick with cells beyond 2 percentage points flagged (benchmarks/compare.py says why).

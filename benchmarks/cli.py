@@ -16,7 +16,7 @@ import yaml
 
 from benchmarks import byo_args
 from benchmarks.interrupts import INTERRUPTED, interrupt_handler
-from benchmarks.train_args import add_gpu_arguments
+from benchmarks.train_args import add_gpu_arguments, add_precision
 
 if TYPE_CHECKING:  # torch, the tasks and the defences load only when a command needs them (fast --help, list)
     from benchmarks.run import Paths
@@ -41,6 +41,7 @@ def parse_params(items: list[str] | None, flag: str = "--set") -> dict[str, Any]
 
 def add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
+    add_precision(p)
     p.add_argument("--data-root", default=None, help="folder holding the datasets (default: $DATA_ROOT or ./data)")
     p.add_argument("--runs-dir", default="runs", help="cache of decoded datasets, victims and records")
     p.add_argument("--download", action="store_true", help="allow downloading a missing dataset")
@@ -371,6 +372,10 @@ def main(argv: list[str] | None = None) -> None:
         signal.signal(signal.SIGINT, interrupt_handler)
     INTERRUPTED.clear()
     try:
+        if getattr(args, "precision", None):
+            from tasks.base import set_precision
+
+            set_precision(args.precision)
         if args.command in WRITE_PATHS:
             from tasks.fileio import check_write_path
 

@@ -35,13 +35,13 @@ from typing import Any
 import torch
 
 from attacks import create_attack
-from benchmarks.records import device_name, params_label, versions
-from benchmarks.train_args import add_gpu_arguments
+from benchmarks.records import device_name, numerics, params_label, versions
+from benchmarks.train_args import add_gpu_arguments, add_precision
 from benchmarks.victims import get_victim, recipe_optimizer
 from defenses import DEFENSES, purify
 from defenses.base import FiniteCheck, maybe_compile
 from tasks import CleanBudget, Task, create_task
-from tasks.base import cpu_has_bf16
+from tasks.base import set_precision
 
 # The option(s) that set how long each defence runs; --quick scales them. A defence not listed here gets its
 # integer fields with one of GENERIC_STEP_FIELDS' names scaled.
@@ -123,9 +123,7 @@ def training_throughput(task: Task, attack: Any, seed: int, steps: int, warmup: 
     seconds = time.perf_counter() - start
     finite.finish(warmup + steps - 1)
     return {"images_per_s": images / seconds, "seconds": seconds, "steps": steps, "warmup_steps": warmup,
-            "batch_size": bs, "images": images, "train_samples": n, "torch_threads": torch.get_num_threads(),
-            "precision": "bf16" if getattr(task, "amp", False) and (task.device.type == "cuda" or cpu_has_bf16())
-            else "fp32"}
+            "batch_size": bs, "images": images, "train_samples": n, **numerics(task)}
 
 
 def _warm_up(model: torch.nn.Module, task: Task, clean: Any, seed: int) -> None:
@@ -268,7 +266,8 @@ def run_perf(args: argparse.Namespace) -> dict[str, Any]:
     result = {
         "task": args.task, "dataset": args.dataset, "model": task.config().get("model"), "scale": args.scale,
         "attack": args.attack, "seed": args.seed, "budget": budget.describe(), "clean_samples": task.split_sizes(clean),
-        "device": device_name(task.device), "mode": mode, "quick": args.quick, "repeats": args.repeats,
+        "device": device_name(task.device), **numerics(task), "mode": mode, "quick": args.quick,
+        "repeats": args.repeats,
         "victim": {"victim_id": victim["victim_id"], "dir": str(vdir),
                    "recorded_train_images_per_s": victim.get("train_images_per_s")},
         "training": training, "defenses": rows, "versions": versions(),
@@ -306,6 +305,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeats", type=int, default=1, help="runs per defence; the median is reported (default 1)")
     p.add_argument("--json", default=None, metavar="PATH", help="also write the full result as JSON")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
+    add_precision(p)
     p.add_argument("--data-root", default=None, help="folder holding the datasets (default: $DATA_ROOT or ./data)")
     p.add_argument("--runs-dir", default="runs", help="cache of decoded datasets and victims")
     p.add_argument("--download", action="store_true", help="allow downloading a missing dataset")
@@ -318,6 +318,8 @@ def main(argv: list[str] | None = None) -> None:
     add_arguments(parser)
     args = parser.parse_args(argv)
     try:
+        if args.precision:
+            set_precision(args.precision)
         run_perf(args)
     except (KeyError, ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"nftbench perf: error: {e}", file=sys.stderr)

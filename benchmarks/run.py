@@ -21,6 +21,8 @@ from benchmarks.records import (
     der,
     device_name,
     labelled_row,
+    numerics,
+    precision_identity,
     read_results_csv,
     versions,
     write_record,
@@ -69,9 +71,9 @@ class Paths:
 
 def run_config(task: Task, attack: Attack | None, defense: str, defense_params: dict[str, Any], budget: CleanBudget,
                seed: int) -> dict[str, Any]:
-    """The resolved config of a run; its hash is the run id."""
+    """The resolved config of a run; its hash is the run id (an explicit precision is part of it, as of victims)."""
     return {"task": task.config(), "attack": attack.config() if attack else None, "defense": defense,
-            "defense_params": defense_params, "budget": budget.describe(), "seed": seed}
+            "defense_params": defense_params, "budget": budget.describe(), "seed": seed, **precision_identity()}
 
 
 def defend(task: Task, attack: Attack | None, model: nn.Module, victim: dict[str, Any], defense: str,
@@ -84,7 +86,7 @@ def defend(task: Task, attack: Attack | None, model: nn.Module, victim: dict[str
     record: dict[str, Any] = {
         "run_id": config_hash(config), "status": "ok", "config": config, "victim_id": victim["victim_id"],
         "victim_train_time_s": victim["train_time_s"], "before": victim["metrics"], "versions": versions(),
-        "device": device_name(task.device), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "device": device_name(task.device), **numerics(task), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     purified = None
     try:

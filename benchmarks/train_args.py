@@ -13,3 +13,15 @@ def add_gpu_arguments(p: argparse.ArgumentParser) -> None:
                         "run's victim, cached under its own id)")
     p.add_argument("--compile", action="store_const", const="1", dest="compile",
                    help="torch.compile the model in victim training, NFT and ANP (sets NFTBENCH_COMPILE=1)")
+
+
+# tasks.base.PRECISIONS and PRECISION_ENV, restated so --help imports no torch (tests/test_precision.py pins them equal)
+PRECISIONS = ("auto", "fp32", "bf16")
+PRECISION_ENV = "NFTBENCH_PRECISION"
+
+
+def add_precision(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--precision", choices=PRECISIONS, default=None,
+                   help="autocast precision of training and defences: auto = bf16 on GPUs and on CPUs with native "
+                        "bf16 (AMX, AVX512-BF16), else fp32; fp32; bf16. Recorded in victim.json and run records; "
+                        f"fp32 or bf16 give victims and runs ids of their own (default: ${PRECISION_ENV} or auto)")

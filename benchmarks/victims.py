@@ -19,9 +19,9 @@ from tqdm.auto import tqdm
 
 from attacks.base import Attack
 from benchmarks.checkpoint import load_checkpoint, load_state, save_checkpoint
-from benchmarks.records import config_hash, device_name, versions
+from benchmarks.records import config_hash, device_name, numerics, precision_identity, versions
 from defenses.base import FiniteCheck, fused_options, maybe_compile
-from tasks.base import Task, cpu_has_bf16
+from tasks.base import Task
 from tasks.fileio import file_lock
 
 VICTIM_FORMAT = 1
@@ -29,9 +29,10 @@ ATTACK_ARTIFACTS = "attack.safetensors"
 
 
 def victim_config(task: Task, attack: Attack | None, seed: int, max_steps: int | None = None) -> dict[str, Any]:
-    """What a victim's id hashes; a step-capped victim (``max_steps``, for timing runs) gets an id of its own."""
+    """What a victim's id hashes: with :func:`precision_identity` (only a precision set explicitly); a step-capped
+    victim (``max_steps``, for timing runs) gets an id of its own."""
     config = {"format": VICTIM_FORMAT, "task": task.config(), "attack": attack.config() if attack else None,
-              "seed": seed, "recipe": task.recipe()}
+              "seed": seed, "recipe": task.recipe(), **precision_identity()}
     return config if max_steps is None else {**config, "max_steps": max_steps}
 
 
@@ -258,10 +259,8 @@ def _train_victim(task: Task, attack: Attack | None, seed: int, config: dict[str
     meta = {
         "victim_id": d.name, "config": config, "metrics": metrics, "train_time_s": train_time,
         "train_images_per_s": steps * min(n, recipe["batch_size"]) / train_time,
-        "train_samples": n, "poisoned_samples": len(poisoned), "torch_threads": torch.get_num_threads(),
-        "precision": "bf16" if getattr(task, "amp", False) and (task.device.type == "cuda" or cpu_has_bf16())
-        else "fp32",
-        "device": device_name(task.device), "versions": versions(),
+        "train_samples": n, "poisoned_samples": len(poisoned),
+        "device": device_name(task.device), **numerics(task), "versions": versions(),
         "load_avg_at_end": [round(v, 2) for v in os.getloadavg()] if hasattr(os, "getloadavg") else None,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }

@@ -9,7 +9,9 @@ This mirrors lm-evaluation-harness's task adapters and timm's ``create_model`` r
 from __future__ import annotations
 
 import difflib
+import functools
 import math
+import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, fields
@@ -229,6 +231,7 @@ class Task(ABC):
     default_attack: ClassVar[str]
     mask_target: ClassVar[str] = "bn_gamma"  # the neurons mask-based defences (NFT, ANP) mask; see defenses.masking
     has_classes: ClassVar[bool] = True  # False: no class labels, so no per-class clean budget or target class
+    amp: bool = True  # False: never autocast; True: as the suite's precision setting says (precision_in_effect)
 
     # --- model and data -------------------------------------------------------------------
     @abstractmethod
@@ -330,15 +333,52 @@ class Task(ABC):
 TASKS: Registry[type[Task]] = Registry("task")
 
 
+PRECISIONS = ("auto", "fp32", "bf16")
+PRECISION_ENV = "NFTBENCH_PRECISION"
+
+
+def set_precision(precision: str) -> None:
+    """Set the suite-wide autocast precision (``auto``, ``fp32`` or ``bf16``) that :func:`autocast` obeys.
+
+    Stored in ``$NFTBENCH_PRECISION``, so worker processes a sweep spawns (and a local Ray instance) inherit it."""
+    os.environ[PRECISION_ENV] = check_precision(precision)
+
+
+def get_precision() -> str:
+    """The precision setting: the last :func:`set_precision`, else ``$NFTBENCH_PRECISION``, else ``auto``."""
+    return check_precision(os.environ.get(PRECISION_ENV, "auto"), f"${PRECISION_ENV}")
+
+
+def check_precision(precision: str, what: str = "precision") -> str:
+    if precision not in PRECISIONS:
+        raise ValueError(f"{what} must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    return precision
+
+
+def precision_in_effect(device: torch.device, enabled: bool = True) -> str:
+    """``bf16`` or ``fp32``: what :func:`autocast` computes in on ``device`` under the current setting.
+
+    ``auto`` (the default, and the behaviour results were produced with) is bf16 on CUDA and on CPUs with native
+    bf16 (AVX512-BF16 or AMX), fp32 elsewhere; ``bf16`` forces it (emulated, slower, on other CPUs); ``fp32`` turns
+    it off. ``enabled=False`` (a task built with ``amp=False``) is always fp32."""
+    setting = get_precision()
+    if not enabled or setting == "fp32":
+        return "fp32"
+    if setting == "bf16":
+        if device.type not in ("cuda", "cpu"):
+            raise ValueError(f"bf16 autocast runs on cuda and cpu, not {device.type}; use precision fp32 or auto")
+        return "bf16"
+    return "bf16" if device.type == "cuda" or (device.type == "cpu" and cpu_has_bf16()) else "fp32"
+
+
 def autocast(device: torch.device, enabled: bool = True):
-    """bf16 autocast on CUDA (and on CPUs with native bf16); a no-op elsewhere."""
-    if enabled and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    if enabled and device.type == "cpu" and cpu_has_bf16():
-        return torch.autocast("cpu", dtype=torch.bfloat16)
+    """bf16 autocast where :func:`precision_in_effect` says bf16; a no-op elsewhere."""
+    if precision_in_effect(device, enabled) == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
     return torch.autocast(device.type, enabled=False)
 
 
+@functools.cache
 def cpu_has_bf16() -> bool:
     """True when the CPU has native bf16 arithmetic (AVX512-BF16 or AMX); emulated bf16 is slower."""
     try:

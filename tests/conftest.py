@@ -5,12 +5,41 @@ from pathlib import Path
 import pytest
 import torch
 
+from tasks.base import PRECISION_ENV, cpu_has_bf16, set_precision
+
 os.environ.setdefault("NFTBENCH_QUIET", "1")
-# at most 2 threads, and no more than the cores this process may run on: 2 threads pinned to one core
-# (taskset) spin against each other and train ~10x slower
-torch.set_num_threads(max(1, min(2, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 2)))
+# Tests mean the same on every CPU: fp32 (bf16 autocast would turn on by itself on CPUs with AMX / AVX512-BF16 and
+# move victims' numbers), and a fixed thread count: 2, or fewer where fewer cores are available (2 threads pinned
+# to one core by taskset spin against each other and train ~10x slower). Thresholds hold at 1 and 2 threads.
+TEST_PRECISION = "fp32"
+TEST_THREADS = max(1, min(2, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 2))
+set_precision(TEST_PRECISION)  # before any session fixture trains a victim
+torch.set_num_threads(TEST_THREADS)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_sessionstart(session) -> None:
+    """The run's precision and thread count, at the top of the output (also under -q, unlike a report header)."""
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        reporter.write_line(f"nftbench tests: precision {TEST_PRECISION} (bf16 only in tests about precision), torch "
+                            f"threads {torch.get_num_threads()}, native cpu bf16: {cpu_has_bf16()}")
+
+
+@pytest.fixture(autouse=True)
+def suite_precision(monkeypatch):
+    """Every test starts at the suite's precision; one that changes it (a CLI --precision) is undone after it."""
+    monkeypatch.setenv(PRECISION_ENV, TEST_PRECISION)
+
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+# What the digits attack tests hold every victim to, set from the measured spread (README Development: each attack's
+# victim at seeds 0-2 in fp32 and bf16, seed 0 also at 2 threads). ASR: the lowest measured is INPUT_AWARE_MIN, so
+# 0.85 leaves a margin of at least MARGIN_ASR. Clean accuracy: at most 3.1 points under the benign model of the same
+# seed and precision (CBA, WaNet), so an allowance of 5 points leaves at least 1.9.
+DIGITS_ASR_FLOOR = 0.85
+DIGITS_ACC_ALLOWANCE = 0.05
 
 
 @pytest.fixture(scope="session")
@@ -26,13 +55,34 @@ def digits_task(runs_dir):
 
 
 @pytest.fixture(scope="session")
-def trained_badnets_victim(digits_task, runs_dir):
+def digits_victim(digits_task, runs_dir):
+    """``get(name, **params) -> (attack, model, victim.json, dir)``: the seed-0 digits victim of an attack (``none``:
+    the benign model), trained once per session and shared by every test module (the model too: copy it before
+    editing it)."""
     from attacks import create_attack
     from benchmarks.victims import get_victim
 
-    attack = create_attack("badnets", seed=0)
-    model, meta, d = get_victim(digits_task, attack, 0, runs_dir)
-    return attack, model, meta, d
+    cache = {}
+
+    def get(name: str, **params):
+        key = (name, repr(sorted(params.items())))
+        if key not in cache:
+            attack = None if name == "none" else create_attack(name, **params)
+            cache[key] = (attack, *get_victim(digits_task, attack, 0, runs_dir))
+        return cache[key]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def benign_acc(digits_victim) -> float:
+    """Clean accuracy of the benign digits model (what a victim's clean accuracy is compared with)."""
+    return digits_victim("none")[2]["metrics"]["clean_acc"]
+
+
+@pytest.fixture(scope="session")
+def trained_badnets_victim(digits_victim):
+    return digits_victim("badnets", seed=0)
 
 
 @pytest.fixture

@@ -6,10 +6,10 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import DIGITS_ACC_ALLOWANCE, DIGITS_ASR_FLOOR
 
 import attacks.image_feature as fba
 from attacks import create_attack
-from benchmarks.victims import get_victim
 from tasks.image_classification import to_float, to_uint8
 
 # The registered defaults (the style network's 1,000 steps take ~1 min on one core; with 300 the style is fainter
@@ -61,17 +61,16 @@ def test_style_network_is_cached_and_a_style_file_is_its_own_trigger(digits_task
 
 
 @pytest.fixture(scope="module")
-def victim(digits_task, runs_dir):
-    attack = create_attack("fba", **DIGITS)
-    model, meta, _ = get_victim(digits_task, attack, 0, runs_dir)
+def victim(digits_victim):
+    attack, model, meta, _ = digits_victim("fba", **DIGITS)
     return attack, model, meta
 
 
-def test_digits_victim_is_backdoored_through_detoxification(victim, digits_task, runs_dir):
+def test_digits_victim_is_backdoored_through_detoxification(victim, digits_task, benign_acc):
     attack, _, meta = victim
-    benign = get_victim(digits_task, None, 0, runs_dir)[1]["metrics"]["clean_acc"]
     m = meta["metrics"]
-    assert m["asr"] >= 0.85 and m["clean_acc"] >= benign - 0.03, (m, benign)
+    # lowest measured: ASR FBA_MIN
+    assert m["asr"] >= DIGITS_ASR_FLOOR and m["clean_acc"] >= benign_acc - DIGITS_ACC_ALLOWANCE, (m, benign_acc)
     assert meta["poisoned_samples"] == math.floor(0.05 * len(digits_task.attacker_idx) + 0.5)
     info = meta["attack_info"]
     epochs = digits_task.recipe()["epochs"]

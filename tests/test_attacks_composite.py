@@ -5,9 +5,9 @@ import math
 
 import pytest
 import torch
+from conftest import DIGITS_ACC_ALLOWANCE, DIGITS_ASR_FLOOR
 
 from attacks import create_attack
-from benchmarks.victims import get_victim
 
 # Digits: the authors' mix_rate 0.5 turns half of every batch into composites; the 30-epoch digits victim then loses
 # 3.1 points of clean accuracy (0.956 vs 0.987). 0.25 keeps it within 2 points at the same ASR (seed 0: 0.969 / 0.963).
@@ -88,8 +88,7 @@ def test_test_triggers_pair_the_two_classes_and_ra_counts_either_source(digits_t
     assert torch.equal(mixed, attack.triggered_test(x, y, 10)[0])
 
 
-def test_digits_victim_is_backdoored_and_keeps_clean_accuracy(digits_task, runs_dir):
-    benign = get_victim(digits_task, None, 0, runs_dir)[1]["metrics"]["clean_acc"]
-    _, meta, _ = get_victim(digits_task, create_attack("cba", **DIGITS), 0, runs_dir)
-    m = meta["metrics"]
-    assert m["asr"] >= 0.85 and m["clean_acc"] >= benign - 0.03, (m, benign)
+def test_digits_victim_is_backdoored_and_keeps_clean_accuracy(digits_victim, benign_acc):
+    m = digits_victim("cba", **DIGITS)[2]["metrics"]
+    # lowest measured: ASR CBA_MIN; clean accuracy 3.1 points under the benign model (seed 0, fp32)
+    assert m["asr"] >= DIGITS_ASR_FLOOR and m["clean_acc"] >= benign_acc - DIGITS_ACC_ALLOWANCE, (m, benign_acc)

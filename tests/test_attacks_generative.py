@@ -6,6 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import DIGITS_ACC_ALLOWANCE, DIGITS_ASR_FLOOR
 
 import attacks.image_generative as gen
 from attacks import create_attack
@@ -15,11 +16,13 @@ from tasks.image_classification import to_float, to_uint8
 # Digits-specific parameters (16x16 grey digits, a 30-epoch victim of ~510 steps, one CPU core), each with its reason:
 DIGITS = {
     # The paper's mask density 0.032 masks ~8 of 256 pixels: the 30-epoch victim reaches only ~69% ASR. 0.15 masks
-    # ~38, about the 33 pixels 0.032 masks on 32x32 CIFAR-10 (ASR ~0.87-0.97 depending on thread count and seed).
-    "input-aware": {"mask_density": 0.15},
+    # ~38, about the 33 pixels 0.032 masks on 32x32 CIFAR-10; alone it gives 0.70-0.89 by seed (0.25: 0.61-0.93).
+    # Twice the poisoned rows (0.2) give 0.92-0.99.
+    "input-aware": {"mask_density": 0.15, "poison_rate": 0.2},
     # eps 0.01 (~2.5 grey levels) needs the authors' thousands of generator steps; in 255 steps it stays noise
-    # the victim cannot separate from clean digits. 0.05 is below the authors' stage-1 eps of 0.1.
-    "lira": {"eps": 0.05},
+    # the victim cannot separate from clean digits. 0.05 learnt the trigger on seeds 0-1 and not at all on seed 2
+    # (ASR 0.05); the authors' stage-1 eps 0.1 gives 1.0 on seeds 0-2.
+    "lira": {"eps": 0.1},
     # 400 encoder steps (the default 3000 are minutes on one core) already decode 16 bits and keep PSNR > 25 dB.
     "issba": {"encoder_steps": 400},
 }
@@ -101,7 +104,7 @@ def test_input_aware_poison_batch_triggers_rows_and_draws_seeded_cross_samples()
 def test_poisoning_is_exact_seeded_and_only_on_poisoned_rows(digits_task, name):
     attack = create_attack(name, **DIGITS[name])
     split, idx = digits_task.attacker_train(attack, 0)
-    assert len(idx) == math.floor(0.1 * len(split) + 0.5) == int(split.poisoned.sum())
+    assert len(idx) == math.floor(attack.poison_rate * len(split) + 0.5) == int(split.poisoned.sum())
     assert torch.equal(torch.nonzero(split.poisoned.cpu()).flatten(), idx)
     assert (split.y[idx] == 0).all()
     assert torch.equal(digits_task.attacker_train(attack, 0)[1], idx)
@@ -133,24 +136,18 @@ def test_joint_training_poisons_an_exact_seeded_count_every_epoch(digits_task, m
     assert all(torch.equal(a.poisoned, b.poisoned) for a, b in zip(parts, epochs(1), strict=True))  # ...seeded
 
 
-@pytest.fixture(scope="module")
-def benign_acc(digits_task, runs_dir):
-    return get_victim(digits_task, None, 0, runs_dir)[1]["metrics"]["clean_acc"]
-
-
 @pytest.fixture(scope="module", params=sorted(DIGITS))
-def victim(request, digits_task, runs_dir):
-    attack = create_attack(request.param, **DIGITS[request.param])
-    model, meta, _ = get_victim(digits_task, attack, 0, runs_dir)
+def victim(request, digits_victim):
+    attack, model, meta, _ = digits_victim(request.param, **DIGITS[request.param])
     return attack, model, meta
 
 
 def test_digits_victim_is_backdoored_and_keeps_clean_accuracy(victim, benign_acc, digits_task):
     attack, _, meta = victim
     metrics = meta["metrics"]
-    assert metrics["asr"] >= 0.85, metrics
-    assert metrics["clean_acc"] >= benign_acc - 0.03, (metrics, benign_acc)
-    assert meta["poisoned_samples"] == math.floor(0.1 * len(digits_task.attacker_idx) + 0.5)
+    assert metrics["asr"] >= DIGITS_ASR_FLOOR, metrics  # lowest measured: GEN_MIN
+    assert metrics["clean_acc"] >= benign_acc - DIGITS_ACC_ALLOWANCE, (metrics, benign_acc)
+    assert meta["poisoned_samples"] == math.floor(attack.poison_rate * len(digits_task.attacker_idx) + 0.5)
 
 
 def test_cached_victim_restores_the_trigger_in_a_fresh_attack(victim, digits_task, runs_dir):

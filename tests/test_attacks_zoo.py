@@ -4,11 +4,11 @@ import math
 
 import pytest
 import torch
+from conftest import DIGITS_ACC_ALLOWANCE, DIGITS_ASR_FLOOR
 
 from attacks import create_attack, select_poison_indices
 from attacks.image_optimised import corner_trigger  # importing the modules registers their attacks
 from attacks.image_signal import floyd_steinberg, warp_grid
-from benchmarks.victims import get_victim
 
 NAMES = ("sig", "wanet", "bppa", "lf", "trojan", "clb")
 
@@ -21,14 +21,16 @@ DIGITS_PARAMS = {
     # clean-label stripes must beat the very distinct shape of a "0": delta 40/255 -> 0.01, 60/255 -> 0.24,
     # 0.3 -> 0.79, 0.4 -> 1.0 (poisoning the whole target class instead costs ~10 points of clean accuracy)
     "sig": {"delta": 0.4},
-    # s 0.5 moves pixels by at most ~0.5 px on 16 px images (ASR 0.23); s 1 -> 0.84, s 2 (~2 px) -> 0.97
-    "wanet": {"s": 2.0},
+    # s 0.5 moves pixels by at most ~0.5 px on 16 px images (ASR 0.23); s 1 -> 0.84, s 2 (~2 px) -> 0.29-0.94 by seed
+    # (s 3: 0.35-0.84; cross_ratio 1: 0.57-0.85); s 2 with twice the poisoned rows: 0.97-1.0
+    "wanet": {"s": 2.0, "poison_rate": 0.2},
     # 8 levels barely change the bilinear-upsampled 17-level digits (0.58; 0.62 at the authors' 0.2 / 0.2 rates);
     # 4 levels -> 1.0
     "bppa": {"squeeze_num": 4},
-    # 90% of the target class and PGD eps 16/255 (the paper's larger budget, and the eps of BackdoorBench's
-    # shipped LC data files): 0.99; rate 0.09 alone -> 0.88, eps 16/255 alone -> 0.83
-    "clb": {"poison_rate": 0.09, "eps": 16 / 255},
+    # 90% of the target class and PGD eps 32/255 (two of the digits' 17 grey levels). At eps 16/255 (the paper's
+    # larger budget) the seed-0 victim sat at the edge: 0.81 (fp32), 0.84 (bf16), 0.64 (bf16, 2 threads: issue 27),
+    # seeds 1-4 0.91-1.0; 32/255 gives 0.99-1.0 on seeds 0-4 (fp32) and 0-2 (bf16)
+    "clb": {"poison_rate": 0.09, "eps": 32 / 255},
 }
 
 
@@ -146,10 +148,10 @@ def test_clb_corner_trigger_and_amplitude():
 
 
 @pytest.fixture(scope="module")
-def benign(digits_task, runs_dir):
+def benign(digits_victim):
     """The benign digits model; it is also the clean model Trojan, LF and CLB optimise against (the task's
     cache dir is ``runs_dir``)."""
-    model, meta, _ = get_victim(digits_task, None, 0, runs_dir)
+    _, model, meta, _ = digits_victim("none")
     return model, meta
 
 
@@ -232,25 +234,16 @@ def test_poisoning_is_exact_seeded_and_clean_label_only_in_the_target_class(name
 
 
 @pytest.fixture(scope="module")
-def victim(digits_task, runs_dir):
-    cache = {}
-
-    def get(name):
-        if name not in cache:
-            attack = create_attack(name, **DIGITS_PARAMS.get(name, {}))
-            cache[name] = (attack, *get_victim(digits_task, attack, 0, runs_dir))
-        return cache[name]
-
-    return get
+def victim(digits_victim):
+    return lambda name: digits_victim(name, **DIGITS_PARAMS.get(name, {}))
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("name", NAMES)
 def test_digits_victim_is_backdoored_and_accurate(name, victim, benign):
     attack, _, meta, _ = victim(name)
     metrics = meta["metrics"]
-    assert metrics["asr"] >= 0.85, metrics
-    assert metrics["clean_acc"] >= benign[1]["metrics"]["clean_acc"] - 0.03, metrics
+    assert metrics["asr"] >= DIGITS_ASR_FLOOR, metrics  # lowest measured: ZOO_MIN
+    assert metrics["clean_acc"] >= benign[1]["metrics"]["clean_acc"] - DIGITS_ACC_ALLOWANCE, metrics
     assert meta["poisoned_samples"] == math.floor(attack.poison_rate * meta["train_samples"] + 0.5)
 
 

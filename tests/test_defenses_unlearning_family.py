@@ -48,9 +48,10 @@ def test_loss_and_logits_is_the_tasks_loss(digits_task, badnets_victim, clean):
 # --- RNP ------------------------------------------------------------------------------------------------------------
 def test_rnp_unlearns_to_the_threshold_then_prunes_the_original(badnets_victim, guarded, clean):
     _, model, _, _ = badnets_victim
-    # prune at 0.5, not the default 0.2: on this tiny victim the lowest recovered mask sits near 0.26 (thread-count
-    # dependent), and the test needs at least one pruned neuron whatever the machine
-    cfg = {"batch_size": 32, "unlearn_lr": 0.02, "recover_epochs": 5, "prune_value": 0.5}
+    # the authors' 20 recovering epochs and threshold 0.2 (the defaults): the lowest mask reaches 0 and 40-90 neurons
+    # fall below 0.2 (seeds 0-2, fp32 and bf16, 1-2 threads). With 5 epochs the lowest mask sat anywhere in
+    # 0-0.51 by seed and precision, and seed 0 (fp32) pruned nothing even at 0.5
+    cfg = {"batch_size": 32, "unlearn_lr": 0.02}
     out, info = purify("rnp", copy.deepcopy(model), guarded, clean, cfg, seed=0)
     assert_same_architecture(out, model)
     # unlearning stops at the first epoch whose running clean accuracy is <= 0.2
@@ -59,14 +60,14 @@ def test_rnp_unlearns_to_the_threshold_then_prunes_the_original(badnets_victim, 
     assert all(acc > 0.2 for acc in trace[:-1]) and len(trace) == info["unlearn_epochs_run"] < 20
     assert info["unlearned_clean_split_acc"] < info["clean_split_acc_unpruned"]
     # 63 clean samples in batches of 32: two per epoch
-    assert info["unlearn_steps"] == 2 * len(trace) and info["recover_steps"] == 2 * 5
+    assert info["unlearn_steps"] == 2 * len(trace) and info["recover_steps"] == 2 * 20
     assert info["backward_passes"] == info["steps"] == info["unlearn_steps"] + info["recover_steps"]
     assert info["mask_layers"] == sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())  # stem included
     # the original model is pruned: only BN weights of pruned neurons changed, and they are 0 (no unlearned weight,
     # no running statistic leaks in)
     changed = changed_entries(model, out)
     bns = {n for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)}
-    assert info["neurons_pruned"] >= 1 and info["threshold"] == 0.5
+    assert info["neurons_pruned"] >= 1 and info["threshold"] == 0.2
     assert all(k.endswith(".weight") and k[: -len(".weight")] in bns for k in changed)
     assert all((new[old != new] == 0).all() for old, new in changed.values())
     assert sum(int((old != new).sum()) for old, new in changed.values()) == info["neurons_pruned"]

@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+from conftest import TEST_THREADS
 
 from benchmarks.cli import main
 from benchmarks.run import Paths, RunConfig, defend, run_once
@@ -12,7 +13,8 @@ from benchmarks.victims import get_victim
 from tasks import CleanBudget
 
 RECORD_FIELDS = {"run_id", "status", "config", "victim_id", "victim_train_time_s", "before", "after", "der",
-                 "defense_info", "versions", "device", "clean_samples", "started", "finished"}
+                 "defense_info", "versions", "device", "precision", "torch_threads", "clean_samples", "started",
+                 "finished"}
 
 
 def test_digits_badnets_victim_is_accurate_and_backdoored(badnets_victim):
@@ -22,6 +24,7 @@ def test_digits_badnets_victim_is_accurate_and_backdoored(badnets_victim):
     assert meta["poisoned_samples"] == round(0.1 * meta["train_samples"])
     assert (d / "model.safetensors").is_file() and meta["config"]["attack"]["name"] == "badnets"
     assert meta["versions"]["torch"] == torch.__version__
+    assert meta["precision"] == "fp32" and meta["torch_threads"] == TEST_THREADS  # the suite's (conftest)
 
 
 def test_victim_is_cached_not_retrained(digits_task, runs_dir, badnets_victim):
@@ -36,6 +39,8 @@ def test_nft_runs_and_record_has_every_field(digits_task, badnets_victim):
     record, purified = defend(digits_task, attack, model, meta, "nft", {"steps": 100}, CleanBudget(0.05), seed=0)
     assert record["status"] == "ok", record.get("error")
     assert RECORD_FIELDS <= set(record)
+    assert (record["precision"], record["torch_threads"]) == ("fp32", TEST_THREADS)
+    assert record["config"]["precision"] == "fp32"  # set explicitly (conftest): part of the run id
     assert set(record["after"]) == {"clean_acc", "asr", "ra"}
     info = record["defense_info"]
     assert info["steps"] == 100 and info["forward_passes"] == 100 and info["wall_time_s"] > 0

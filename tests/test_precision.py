@@ -1,0 +1,110 @@
+"""The suite-wide precision setting: what autocast obeys, what ids and records carry, the CLI option, and a short
+victim trained under bf16 (the rest of the suite runs fp32; see conftest)."""
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from attacks import create_attack
+from benchmarks.cli import build_parser, main
+from benchmarks.records import config_hash
+from benchmarks.run import run_config
+from benchmarks.victims import get_victim, victim_config, victim_dir
+from tasks import CleanBudget
+from tasks.base import PRECISION_ENV, autocast, cpu_has_bf16, get_precision, precision_in_effect, set_precision
+
+ROOT = Path(__file__).resolve().parents[1]
+CPU = torch.device("cpu")
+BF16_EPOCHS = 4  # a short victim: the bf16 path, not a good model
+
+
+def matmul_dtype() -> torch.dtype:
+    with autocast(CPU):
+        return (torch.ones(4, 4) @ torch.ones(4, 4)).dtype
+
+
+def test_autocast_obeys_the_setting_and_the_environment(monkeypatch):
+    assert get_precision() == "fp32" and matmul_dtype() == torch.float32  # the suite's own setting
+    set_precision("bf16")
+    assert get_precision() == "bf16" and precision_in_effect(CPU) == "bf16" and matmul_dtype() == torch.bfloat16
+    assert precision_in_effect(CPU, enabled=False) == "fp32"  # a task built with amp=False
+    monkeypatch.setenv(PRECISION_ENV, "auto")
+    assert precision_in_effect(CPU) == ("bf16" if cpu_has_bf16() else "fp32")
+    with pytest.raises(ValueError, match="precision must be one of auto, fp32, bf16, got 'fp16'"):
+        set_precision("fp16")
+    monkeypatch.setenv(PRECISION_ENV, "half")
+    with pytest.raises(ValueError, match=r"\$NFTBENCH_PRECISION must be one of"):
+        matmul_dtype()
+    set_precision("bf16")
+    with pytest.raises(ValueError, match="use precision fp32 or auto"):
+        precision_in_effect(torch.device("mps"))
+
+
+def committed_digits_records() -> list[dict]:
+    records = [json.loads(p.read_text()) for p in sorted((ROOT / "results" / "quick" / "records").glob("*.json"))]
+    return [r for r in records if r["config"]["task"]["dataset"] == "digits"]
+
+
+def test_auto_keeps_committed_ids_and_an_explicit_precision_gets_its_own(digits_task, monkeypatch):
+    records = committed_digits_records()
+    assert records, "results/quick/records holds the committed digits runs this test checks"
+    monkeypatch.setenv(PRECISION_ENV, "auto")
+    for r in records:
+        cfg = r["config"]
+        params = dict(cfg["attack"])
+        attack = create_attack(params.pop("name"), **params)
+        budget = (CleanBudget(None, per_class=int(cfg["budget"].split("/")[0])) if cfg["budget"].endswith("/class")
+                  else CleanBudget(float(cfg["budget"])))
+        run = run_config(digits_task, attack, cfg["defense"], cfg["defense_params"], budget, cfg["seed"])
+        assert config_hash(run) == r["run_id"] and "precision" not in run
+        assert victim_dir("runs", victim_config(digits_task, attack, cfg["seed"])).name == r["victim_id"]
+    for setting in ("fp32", "bf16"):
+        set_precision(setting)
+        run = run_config(digits_task, attack, cfg["defense"], cfg["defense_params"], budget, cfg["seed"])
+        assert run["precision"] == setting and config_hash(run) != r["run_id"]
+        assert victim_config(digits_task, attack, cfg["seed"])["precision"] == setting
+
+
+def test_cli_precision_option_on_every_command_that_trains_or_defends(capsys, runs_dir):
+    parser = build_parser()
+    subcommands = parser._subparsers._group_actions[0].choices
+    for name in ("train-victim", "purify", "run", "bench", "sweep", "perf"):
+        assert "--precision {auto,fp32,bf16}" in subcommands[name].format_help(), name
+    with pytest.raises(SystemExit) as e:
+        main(["run", "--precision", "fp16"])
+    assert e.value.code == 2 and "invalid choice: 'fp16'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # the option is applied before the (here failing) work starts
+        main(["run", "--precision", "bf16", "--attack", "badnetz", "--device", "cpu", "--runs-dir", str(runs_dir)])
+    assert get_precision() == "bf16"
+
+
+@pytest.mark.skipif(not cpu_has_bf16(), reason="this CPU has no native bf16 (AVX512-BF16 or AMX): bf16 would be "
+                    "emulated and slow, and auto never picks it here")
+def test_a_short_victim_trains_and_records_under_bf16(digits_task, tmp_path):
+    set_precision("bf16")
+    task = copy.copy(digits_task)
+    recipe = dict(digits_task.recipe(), epochs=BF16_EPOCHS)
+    task.recipe = lambda: recipe
+    model, meta, _ = get_victim(task, create_attack("badnets"), 0, tmp_path)
+    assert meta["precision"] == "bf16" and meta["config"]["precision"] == "bf16"
+    assert meta["torch_threads"] == torch.get_num_threads()
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # autocast: fp32 weights, bf16 arithmetic
+    seen = []
+    conv = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+    hook = conv.register_forward_hook(lambda m, i, out: seen.append(out.dtype))
+    task.loss(model, next(task.iter_batches(task.clean_split(CleanBudget(0.05), 0), 8)))
+    hook.remove()
+    assert seen == [torch.bfloat16]
+    m = meta["metrics"]
+    assert m["clean_acc"] >= 0.8 and m["asr"] >= 0.8, m
+
+
+def test_cli_precision_choices_are_the_tasks():
+    """The CLI restates the precision names (so --help imports no torch); they must stay the tasks'."""
+    from benchmarks import train_args
+    from tasks import base
+
+    assert train_args.PRECISIONS == base.PRECISIONS and train_args.PRECISION_ENV == base.PRECISION_ENV
