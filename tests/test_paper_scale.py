@@ -12,7 +12,7 @@ from benchmarks.sweep import expand, load_sweep
 from benchmarks.victims import train_model
 from defenses import purify
 from tasks import CleanBudget, create_task
-from tasks.image_data import write_cache
+from tasks.image_data import CIFAR10_CLASSES
 
 PAPER_GRIDS = {"paper": "image", "detection-voc": "detection", "translation-wmt14": "translation",
                "pointcloud-modelnet40": "pointcloud"}
@@ -24,15 +24,16 @@ def test_paper_scale_grids_validate(name):
     assert cells and {c.scale for c in cells} == {"paper"} and {c.task for c in cells} == {PAPER_GRIDS[name]}
 
 
-def generated_cifar10(cache_dir, n_train=200, n_test=20):
-    """Random 32x32 RGB images in 10 classes, written as CIFAR-10's decoded cache (so nothing is read from disk)."""
+def generated_cifar10(root, n_train=200, n_test=20):
+    """Random 32x32 RGB images in CIFAR-10's 10 classes, written as an ImageFolder copy (PNG) under ``root``."""
+    from PIL import Image
+
     rng = np.random.default_rng(0)
-    folder = cache_dir / "datasets" / "cifar10"
-    folder.mkdir(parents=True)
-    arrays = {"train_x": rng.integers(0, 256, (n_train, 3, 32, 32), dtype=np.uint8),
-              "train_y": np.arange(n_train) % 10, "test_x": rng.integers(0, 256, (n_test, 3, 32, 32), dtype=np.uint8),
-              "test_y": np.arange(n_test) % 10}
-    write_cache(folder, arrays, [str(c) for c in range(10)], "generated")
+    for split, n in (("train", n_train), ("test", n_test)):
+        for i in range(n):
+            folder = root / "cifar10" / split / CIFAR10_CLASSES[i % 10]
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(folder / f"{i:04d}.png")
 
 
 def smoke(task, budget, batch):
@@ -52,7 +53,7 @@ def test_image_paper_models_on_generated_cifar10(tmp_path):
     generated_cifar10(tmp_path)
     for model in ("preact-resnet18", "resnet50"):  # CIFAR-10/GTSRB/Tiny-ImageNet's and ImageNet's
         task = create_task("image", dataset="cifar10", model=model, scale="paper", cache_dir=tmp_path, device="cpu",
-                           reserve_fraction=0.1)
+                           data_root=tmp_path, reserve_fraction=0.1)
         smoke(task, CleanBudget(fraction=None, per_class=1), batch=4)
 
 
