@@ -20,7 +20,6 @@ from benchmarks.records import (
     der,
     device_name,
     numerics,
-    precision_identity,
     record_row,
     versions,
     write_record,
@@ -28,6 +27,7 @@ from benchmarks.records import (
 from benchmarks.victims import get_victim, load_attack_artifacts
 from defenses import DEFENSES, purify
 from tasks import CleanBudget, Task, create_task
+from tasks.base import precision_identity
 
 
 @dataclass

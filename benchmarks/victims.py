@@ -18,16 +18,17 @@ from tqdm.auto import tqdm
 
 from attacks.base import Attack
 from benchmarks.checkpoint import load_checkpoint, load_state, save_checkpoint
-from benchmarks.records import config_hash, device_name, numerics, precision_identity, versions
+from benchmarks.records import config_hash, device_name, numerics, versions
 from defenses.base import check_finite
-from tasks.base import Task
+from tasks.base import Task, precision_identity
 
 VICTIM_FORMAT = 1
 ATTACK_ARTIFACTS = "attack.safetensors"
 
 
 def victim_config(task: Task, attack: Attack | None, seed: int) -> dict[str, Any]:
-    """What a victim is, hashed into its id; with :func:`precision_identity` (only a precision set explicitly)."""
+    """What a victim is, hashed into its id; a precision set explicitly is part of it, ``auto`` is not (why:
+    :func:`tasks.base.precision_identity`)."""
     return {"format": VICTIM_FORMAT, "task": task.config(), "attack": attack.config() if attack else None,
             "seed": seed, "recipe": task.recipe(), **precision_identity()}
 

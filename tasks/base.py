@@ -309,6 +309,23 @@ def get_precision() -> str:
     return check_precision(os.environ.get(PRECISION_ENV, "auto"), f"${PRECISION_ENV}")
 
 
+def precision_identity() -> dict[str, str]:
+    """The precision part of every cache key and id (victims, runs, clean models' triggers, surrogates): nothing
+    under ``auto``, ``{"precision": "fp32" | "bf16"}`` for a precision set explicitly.
+
+    Why not always: ids are hashes of configs, and every committed victim, record and ``--reuse`` match was made
+    before the setting existed, under ``auto`` (bf16 on GPUs and on CPUs with AMX / AVX512-BF16, fp32 elsewhere).
+    Under ``auto`` the ids stay those ids; the precision a victim or run actually used is recorded beside them
+    (``precision`` in victim.json and run records). An explicit precision gets ids of its own, even where it equals
+    what ``auto`` picks on that machine: the id says what was asked for, not what the machine happened to have.
+    The torch thread count is recorded (``torch_threads``), never hashed: like precision it moves a victim's numbers
+    as far as another seed does (README Development), but it is a resource knob, not a choice of arithmetic; a
+    hashed one would split the cache by machine and by sweep worker count, and mean nothing on a GPU.
+    """
+    setting = get_precision()
+    return {} if setting == "auto" else {"precision": setting}
+
+
 def check_precision(precision: str, what: str = "precision") -> str:
     if precision not in PRECISIONS:
         raise ValueError(f"{what} must be one of {', '.join(PRECISIONS)}, got {precision!r}")
