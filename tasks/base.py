@@ -301,12 +301,12 @@ def set_precision(precision: str) -> None:
     """Set the suite-wide autocast precision (``auto``, ``fp32`` or ``bf16``) that :func:`autocast` obeys.
 
     Stored in ``$NFTBENCH_PRECISION``, so worker processes a sweep spawns (and a local Ray instance) inherit it."""
-    os.environ[PRECISION_ENV] = check_precision(precision)
+    os.environ[PRECISION_ENV] = _check_precision(precision)
 
 
 def get_precision() -> str:
     """The precision setting: the last :func:`set_precision`, else ``$NFTBENCH_PRECISION``, else ``auto``."""
-    return check_precision(os.environ.get(PRECISION_ENV, "auto"), f"${PRECISION_ENV}")
+    return _check_precision(os.environ.get(PRECISION_ENV, "auto"), f"${PRECISION_ENV}")
 
 
 def precision_identity() -> dict[str, str]:
@@ -326,7 +326,7 @@ def precision_identity() -> dict[str, str]:
     return {} if setting == "auto" else {"precision": setting}
 
 
-def check_precision(precision: str, what: str = "precision") -> str:
+def _check_precision(precision: str, what: str = "precision") -> str:
     if precision not in PRECISIONS:
         raise ValueError(f"{what} must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     return precision
