@@ -37,8 +37,9 @@ def clean_model(task: Any, seed: int) -> nn.Module:
 
 def trigger_key(task: Any, attack: ImageAttack) -> str:
     from benchmarks.records import config_hash
+    from tasks.base import precision_identity  # the clean model the trigger is optimised on depends on it
 
-    return config_hash({"task": task.config(), "attack": attack.config()})
+    return config_hash({"task": task.config(), "attack": attack.config(), **precision_identity()})
 
 
 def cached_trigger(task: Any, attack: ImageAttack, build: Builder) -> dict[str, Tensor]:

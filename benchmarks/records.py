@@ -75,23 +75,6 @@ def device_name(device: Any) -> str:
     return f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
 
 
-def precision_identity() -> dict[str, str]:
-    """The precision part of victim and run ids: nothing under ``auto``, ``{"precision": ...}`` otherwise.
-
-    Why not always: ids are hashes of configs, and every committed victim, record and ``--reuse`` match predates
-    the setting. They were made under ``auto`` (bf16 on GPUs and on CPUs with AMX/AVX512-BF16, fp32 elsewhere), so
-    under ``auto`` the ids stay those ids, and the precision actually used is recorded beside them (``numerics``).
-    A precision asked for explicitly changes the arithmetic on some machines, so it gets ids of its own (even where
-    it equals what ``auto`` picks there: the id says what was asked, not what the machine had).
-    The torch thread count is recorded, never hashed: it changes only the summation order (a fraction of a point on
-    a digits victim, README Development), and a hashed one would split the cache by machine and sweep worker count.
-    """
-    from tasks.base import get_precision
-
-    setting = get_precision()
-    return {} if setting == "auto" else {"precision": setting}
-
-
 def numerics(task: Any) -> dict[str, Any]:
     """How a victim or run computed: the precision in effect on its device and torch's CPU thread count."""
     import torch

@@ -22,7 +22,6 @@ from benchmarks.records import (
     device_name,
     labelled_row,
     numerics,
-    precision_identity,
     read_results_csv,
     versions,
     write_record,
@@ -31,6 +30,7 @@ from benchmarks.validate import attack_class_problems, budget_problems, raise_pr
 from benchmarks.victims import get_victim, load_attack_artifacts
 from defenses import DEFENSES, purify
 from tasks import CleanBudget, Task, create_task
+from tasks.base import precision_identity
 from tasks.fileio import check_write_path
 
 

@@ -19,9 +19,9 @@ from tqdm.auto import tqdm
 
 from attacks.base import Attack
 from benchmarks.checkpoint import load_checkpoint, load_state, save_checkpoint
-from benchmarks.records import config_hash, device_name, numerics, precision_identity, versions
+from benchmarks.records import config_hash, device_name, numerics, versions
 from defenses.base import FiniteCheck, fused_options, maybe_compile
-from tasks.base import Task
+from tasks.base import Task, precision_identity
 from tasks.fileio import file_lock
 
 VICTIM_FORMAT = 1
@@ -29,8 +29,9 @@ ATTACK_ARTIFACTS = "attack.safetensors"
 
 
 def victim_config(task: Task, attack: Attack | None, seed: int, max_steps: int | None = None) -> dict[str, Any]:
-    """What a victim's id hashes: with :func:`precision_identity` (only a precision set explicitly); a step-capped
-    victim (``max_steps``, for timing runs) gets an id of its own."""
+    """What a victim is, hashed into its id; a precision set explicitly is part of it, ``auto`` is not (why:
+    :func:`tasks.base.precision_identity`); a step-capped victim (``max_steps``, for timing runs) gets an id of its
+    own."""
     config = {"format": VICTIM_FORMAT, "task": task.config(), "attack": attack.config() if attack else None,
               "seed": seed, "recipe": task.recipe(), **precision_identity()}
     return config if max_steps is None else {**config, "max_steps": max_steps}

@@ -341,15 +341,32 @@ def set_precision(precision: str) -> None:
     """Set the suite-wide autocast precision (``auto``, ``fp32`` or ``bf16``) that :func:`autocast` obeys.
 
     Stored in ``$NFTBENCH_PRECISION``, so worker processes a sweep spawns (and a local Ray instance) inherit it."""
-    os.environ[PRECISION_ENV] = check_precision(precision)
+    os.environ[PRECISION_ENV] = _check_precision(precision)
 
 
 def get_precision() -> str:
     """The precision setting: the last :func:`set_precision`, else ``$NFTBENCH_PRECISION``, else ``auto``."""
-    return check_precision(os.environ.get(PRECISION_ENV, "auto"), f"${PRECISION_ENV}")
+    return _check_precision(os.environ.get(PRECISION_ENV, "auto"), f"${PRECISION_ENV}")
 
 
-def check_precision(precision: str, what: str = "precision") -> str:
+def precision_identity() -> dict[str, str]:
+    """The precision part of every cache key and id (victims, runs, clean models' triggers, surrogates): nothing
+    under ``auto``, ``{"precision": "fp32" | "bf16"}`` for a precision set explicitly.
+
+    Why not always: ids are hashes of configs, and every committed victim, record and ``--reuse`` match was made
+    before the setting existed, under ``auto`` (bf16 on GPUs and on CPUs with AMX / AVX512-BF16, fp32 elsewhere).
+    Under ``auto`` the ids stay those ids; the precision a victim or run actually used is recorded beside them
+    (``precision`` in victim.json and run records). An explicit precision gets ids of its own, even where it equals
+    what ``auto`` picks on that machine: the id says what was asked for, not what the machine happened to have.
+    The torch thread count is recorded (``torch_threads``), never hashed: like precision it moves a victim's numbers
+    as far as another seed does (README Development), but it is a resource knob, not a choice of arithmetic; a
+    hashed one would split the cache by machine and by sweep worker count, and mean nothing on a GPU.
+    """
+    setting = get_precision()
+    return {} if setting == "auto" else {"precision": setting}
+
+
+def _check_precision(precision: str, what: str = "precision") -> str:
     if precision not in PRECISIONS:
         raise ValueError(f"{what} must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     return precision

@@ -56,6 +56,7 @@ from tasks.base import (
     TensorBatches,
     autocast,
     beta_sample,
+    precision_identity,
     resolve_device,
     select_clean,
     stratified_split,
@@ -312,7 +313,7 @@ class PointCloudTask(TensorBatches, Task):
         pick = torch.randperm(len(self.attacker_idx), generator=g)[: min(samples, len(self.attacker_idx))]
         pick = pick.sort().values
         recipe = {**self.recipe(), **({"epochs": epochs} if epochs else {})}
-        cfg = {"task": self.config(), "samples": samples, "recipe": recipe, "seed": seed}
+        cfg = {"task": self.config(), "samples": samples, "recipe": recipe, "seed": seed, **precision_identity()}
         folder = self.cache_dir / "surrogates" / self._key(cfg)
         model = self.build_model()
         if (folder / "model.safetensors").is_file():
@@ -348,7 +349,7 @@ class PointCloudTask(TensorBatches, Task):
 
     def fit_attack(self, attack: Attack) -> dict[str, Any]:
         """Fit an attack's trigger (PCBA's location) against a cached surrogate; the result is cached too."""
-        key = self._key({"task": self.config(), "attack": attack.config()})
+        key = self._key({"task": self.config(), "attack": attack.config(), **precision_identity()})
         path = self.cache_dir / "attacks" / f"{attack.name}-{key}.json"
         if path.is_file():
             info = json.loads(path.read_text())

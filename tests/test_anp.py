@@ -40,7 +40,7 @@ def test_anp_prunes_and_keeps_the_architecture(badnets_victim, guarded, clean):
     out, info = purify("anp", copy.deepcopy(model), guarded, clean, {"iterations": 100}, seed=0)
     assert type(out) is type(model) and not out.training
     assert not any("parametrizations" in k for k in out.state_dict())
-    assert info["neurons_pruned"] >= 1 and info["threshold"] == 0.2
+    assert info["neurons_pruned"] >= 1 and info["threshold"] == 0.2  # measured 8-14 pruned
     # only BN weights of pruned channels differ (running statistics restored, survivors kept at mask 1)
     assert newly_zeroed(model, out) == info["neurons_pruned"]
     # every BN layer is masked, the stem included, as in the authors' NoisyBatchNorm2d network

@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import DIGITS_ACC_ALLOWANCE, DIGITS_ASR_FLOOR
+from conftest import DIGITS_ACC_ALLOWANCE, asr_floor
 
 import attacks.image_feature as fba
 from attacks import create_attack
@@ -69,14 +69,14 @@ def victim(digits_victim):
 def test_digits_victim_is_backdoored_through_detoxification(victim, digits_task, benign_acc):
     attack, _, meta = victim
     m = meta["metrics"]
-    # lowest measured: ASR FBA_MIN
-    assert m["asr"] >= DIGITS_ASR_FLOOR and m["clean_acc"] >= benign_acc - DIGITS_ACC_ALLOWANCE, (m, benign_acc)
+    # measured: ASR 0.984-1.0, clean accuracy at most 0.9 points under the benign model (conftest.ASR_FLOORS)
+    assert m["asr"] >= asr_floor("fba") and m["clean_acc"] >= benign_acc - DIGITS_ACC_ALLOWANCE, (m, benign_acc)
     assert meta["poisoned_samples"] == math.floor(0.05 * len(digits_task.attacker_idx) + 0.5)
     info = meta["attack_info"]
     epochs = digits_task.recipe()["epochs"]
     assert [d["epoch"] for d in info["detox"]] == list(range(epochs - 1))  # an injector after every epoch but the last
     assert all(len(d["neurons"]) >= 1 and 0 <= d["target_rate"] <= 1 for d in info["detox"])
-    assert info["style"]["style_loss_styled"] < 0.2 * info["style"]["style_loss_clean"]
+    assert info["style"]["style_loss_styled"] < 0.2 * info["style"]["style_loss_clean"]  # measured 0.008-0.022x
 
 
 def test_style_trigger_is_sample_specific_and_keeps_the_content(victim, digits_task):

@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from conftest import DIGITS_ACC_ALLOWANCE, DIGITS_ASR_FLOOR
+from conftest import DIGITS_ACC_ALLOWANCE, asr_floor
 
 from attacks import create_attack
 
@@ -90,5 +90,5 @@ def test_test_triggers_pair_the_two_classes_and_ra_counts_either_source(digits_t
 
 def test_digits_victim_is_backdoored_and_keeps_clean_accuracy(digits_victim, benign_acc):
     m = digits_victim("cba", **DIGITS)[2]["metrics"]
-    # lowest measured: ASR CBA_MIN; clean accuracy 3.1 points under the benign model (seed 0, fp32)
-    assert m["asr"] >= DIGITS_ASR_FLOOR and m["clean_acc"] >= benign_acc - DIGITS_ACC_ALLOWANCE, (m, benign_acc)
+    # measured: ASR 0.926-0.982, clean accuracy up to 3.1 points under the benign model (conftest.ASR_FLOORS)
+    assert m["asr"] >= asr_floor("cba") and m["clean_acc"] >= benign_acc - DIGITS_ACC_ALLOWANCE, (m, benign_acc)

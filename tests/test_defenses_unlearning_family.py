@@ -48,9 +48,9 @@ def test_loss_and_logits_is_the_tasks_loss(digits_task, badnets_victim, clean):
 # --- RNP ------------------------------------------------------------------------------------------------------------
 def test_rnp_unlearns_to_the_threshold_then_prunes_the_original(badnets_victim, guarded, clean):
     _, model, _, _ = badnets_victim
-    # the authors' 20 recovering epochs and threshold 0.2 (the defaults): the lowest mask reaches 0 and 40-90 neurons
-    # fall below 0.2 (seeds 0-2, fp32 and bf16, 1-2 threads). With 5 epochs the lowest mask sat anywhere in
-    # 0-0.51 by seed and precision, and seed 0 (fp32) pruned nothing even at 0.5
+    # the authors' 20 recovering epochs and threshold 0.2 (the defaults): 57-93 of 232 masks end below 0.2, the
+    # lowest at 0 (seeds 0-2 fp32, seed 0 bf16 and 2 threads). With 5 epochs the lowest mask sat anywhere in
+    # 0-0.51 by seed and precision, and seed 0 in fp32 pruned nothing even at 0.5
     cfg = {"batch_size": 32, "unlearn_lr": 0.02}
     out, info = purify("rnp", copy.deepcopy(model), guarded, clean, cfg, seed=0)
     assert_same_architecture(out, model)
@@ -117,7 +117,7 @@ def test_awm_trigger_raises_the_loss_within_its_bound(digits_task, badnets_victi
     labels = predictions(digits_task, model, batch)
     with torch.no_grad():
         logits = loss_and_logits(digits_task, model, digits_task.with_input(batch, batch.inputs + delta))[1]
-    assert F.cross_entropy(logits, labels) > 0.5
+    assert F.cross_entropy(logits, labels) > 0.5  # measured 7.1-9.8 (seeds 0-2 fp32, seed 0 bf16 and 2 threads)
 
 
 # --- SAU ------------------------------------------------------------------------------------------------------------
@@ -147,7 +147,7 @@ def test_sau_pgd_finds_shared_adversarial_examples_in_the_linf_ball(digits_task,
 
     at_start, _ = shared(SAUConfig(pgd_steps=0))  # the +eps start alone
     after, steps = shared(SAUConfig())
-    assert 1 <= steps <= 5 and after >= 10 and after > at_start
+    assert 1 <= steps <= 5 and after >= 10 and after > at_start  # after: 53-57 of 64 measured
     small, _ = shared(SAUConfig(eps=0.05, pgd_step_size=0.05))
     assert small < after  # a smaller ball fools fewer samples
 

@@ -196,7 +196,7 @@ def test_map_of_the_ground_truth_is_one_and_asr_rules_count_trials(det_task):
 
 
 # --- a backdoored victim, and every defence through the adapter -------------------------------------------------
-TEST_EPOCHS = 20  # the quick recipe's 30 epochs take ~5 minutes on one core; 20 already learn OGA (ASR ~0.85)
+TEST_EPOCHS = 20  # the quick recipe's 30 take ~2.5 CPU-minutes; 20 learn OGA (10: ASR 0.49-0.75, mAP50 0.48-0.60)
 QUICK = {"nft": {"steps": 20, "batch_size": 16}, "ft": {"steps": 20, "batch_size": 16},
          "fine-pruning": {"steps": 5, "batch_size": 16}, "anp": {"iterations": 10, "batch_size": 16},
          "i-bau": {"rounds": 1, "batch_size": 16}, "clp": {}}
@@ -214,7 +214,7 @@ def det_victim(det_task, det_runs):
 def test_yolo_victim_learns_the_trigger_and_the_objects(det_victim):
     _, _, meta = det_victim
     m = meta["metrics"]
-    assert m["asr"] >= 0.7 and m["clean_acc"] >= 0.3, m
+    assert m["asr"] >= 0.7 and m["clean_acc"] >= 0.3, m  # measured (seeds 0-1 fp32, seed 0 bf16): 0.98-1.0, 0.91-0.92
     assert m["map50_95"] < m["clean_acc"]
 
 

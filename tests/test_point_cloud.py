@@ -280,6 +280,7 @@ def test_full_pointnet_and_feature_transform_regularizer(pc_task):
 # --- victim and defences -----------------------------------------------------------------------------------
 def test_pointba_i_victim_is_accurate_and_backdoored(pc_victim):
     _, _, meta = pc_victim
+    # measured (seeds 0-1 fp32, seed 0 bf16): clean accuracy 0.918-0.95, ASR 0.996-1.0
     assert meta["metrics"]["clean_acc"] >= 0.80, meta["metrics"]
     assert meta["metrics"]["asr"] >= 0.90, meta["metrics"]
     assert meta["poisoned_samples"] == round(0.1 * meta["train_samples"])

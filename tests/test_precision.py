@@ -99,7 +99,7 @@ def test_a_short_victim_trains_and_records_under_bf16(digits_task, tmp_path):
     hook.remove()
     assert seen == [torch.bfloat16]
     m = meta["metrics"]
-    assert m["clean_acc"] >= 0.8 and m["asr"] >= 0.8, m
+    assert m["clean_acc"] >= 0.75 and m["asr"] >= 0.75, m  # measured (seeds 0-2, 1-2 threads): 0.896-0.937, 0.887-1.0
 
 
 def test_cli_precision_choices_are_the_tasks():

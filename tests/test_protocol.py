@@ -58,6 +58,6 @@ def test_a_new_defence_is_one_function_and_a_registry_entry(digits_task, badnets
         _, model, _, _ = badnets_victim
         clean = digits_task.clean_split(CleanBudget(None, per_class=1), seed=0)
         _, info = purify("test-shrink-head", copy.deepcopy(model), digits_task, clean, {"factor": 1.0})
-        assert info["config"] == {"factor": 1.0} and info["clean_acc"] > 0.5
+        assert info["config"] == {"factor": 1.0} and info["clean_acc"] > 0.5  # the victim's own: measured 1.0
     finally:
         DEFENSES._items.pop("test-shrink-head")

@@ -241,6 +241,7 @@ def test_victim_translates_and_is_backdoored(tr_task, tr_victim):
     attack, model, meta = tr_victim
     m = meta["metrics"]
     copy_bleu = tr.bleu(tr_task.data.test_src, tr_task.data.test_tgt)
+    # measured (seeds 0-1 fp32, seed 0 bf16): ASR 1.0, BLEU 1.0, RA 0.001
     assert m["asr"] >= 0.9 and m["clean_acc"] >= copy_bleu + 0.5, m
     assert m["ra"] < 0.1  # triggered inputs are not translated
     assert meta["poisoned_samples"] == round(0.1 * meta["train_samples"])

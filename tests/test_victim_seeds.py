@@ -7,7 +7,7 @@ these are the runs the thresholds' margins were measured on (README Development)
 """
 
 import pytest
-from conftest import DIGITS_ACC_ALLOWANCE, DIGITS_ASR_FLOOR
+from conftest import DIGITS_ACC_ALLOWANCE, asr_floor
 from test_attack_fba import DIGITS as FBA
 from test_attacks_composite import DIGITS as CBA
 from test_attacks_generative import DIGITS as GENERATIVE
@@ -26,4 +26,4 @@ ATTACKS = {"badnets": {}, "blend": {}, **{n: DIGITS_PARAMS.get(n, {}) for n in N
 def test_other_seeds_hold_the_digits_thresholds(name, seed, digits_task, runs_dir):
     benign = get_victim(digits_task, None, seed, runs_dir)[1]["metrics"]["clean_acc"]
     m = get_victim(digits_task, create_attack(name, seed=seed, **ATTACKS[name]), seed, runs_dir)[1]["metrics"]
-    assert m["asr"] >= DIGITS_ASR_FLOOR and m["clean_acc"] >= benign - DIGITS_ACC_ALLOWANCE, (m, benign)
+    assert m["asr"] >= asr_floor(name) and m["clean_acc"] >= benign - DIGITS_ACC_ALLOWANCE, (m, benign)
