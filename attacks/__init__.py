@@ -12,6 +12,7 @@ from attacks import (  # noqa: F401  (each module registers its attacks)
     translation,
     video,
 )
-from attacks.base import ATTACKS, Attack, create_attack, select_poison_indices
+from attacks.base import ATTACKS, Attack, create_attack
+from tasks.base import select_poison_indices
 
 __all__ = ["ATTACKS", "Attack", "create_attack", "select_poison_indices"]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
 from typing import Any, ClassVar
 
@@ -53,6 +52,11 @@ class Attack:
         task's recipe trains it on the poisoned ``split``."""
         return None
 
+    @property
+    def trains_victim(self) -> bool:
+        """Whether this attack trains its victim itself (overrides :meth:`train_victim`)."""
+        return type(self).train_victim is not Attack.train_victim
+
     def victim_info(self) -> dict[str, Any]:
         """Facts about the trigger worth keeping in the victim's ``victim.json`` (``attack_info``): an auxiliary
         network's quality, a training log. Called right after the victim is trained."""
@@ -84,22 +88,6 @@ class Attack:
         if self.clean_label:
             return y == self.target, "of the target class"
         return self.counts_for_asr(y), "not of the target class"
-
-
-def select_poison_indices(labels: Tensor, attack: Attack, generator: torch.Generator) -> Tensor:
-    """Exactly ``round(poison_rate * N)`` indices, drawn without replacement from the samples
-    ``attack.poison_pool`` allows."""
-    n_poison = int(math.floor(attack.poison_rate * len(labels) + 0.5))
-    labels = labels.cpu()
-    pool, what = attack.poison_pool(labels)
-    eligible = torch.nonzero(pool).flatten()
-    if n_poison > len(eligible):
-        raise ValueError(
-            f"poison_rate {attack.poison_rate} asks for {n_poison} poisoned samples but only "
-            f"{len(eligible)} are eligible ({what}); lower --poison-rate"
-        )
-    chosen = eligible[torch.randperm(len(eligible), generator=generator)[:n_poison]]
-    return chosen.sort().values
 
 
 ATTACKS: Registry[type[Attack]] = Registry("attack")

@@ -18,7 +18,7 @@ class ImageAttack(Attack):
     """Base for image attacks: ``apply`` adds the trigger to a batch of float images in [0, 1].
 
     Hooks an attack overrides when its trigger is more than a fixed function of the image (the task adapter
-    and ``benchmarks/victims.py`` call them; the defaults give a plain poisoned-data attack):
+    and ``training/victims.py`` call them; the defaults give a plain poisoned-data attack):
 
     - ``prepare(task)``: build what the trigger needs once, before poisoning or evaluation (Trojan's patch
       optimised on a clean model, an encoder trained by the suite); auxiliary models are cached like victims

@@ -11,7 +11,8 @@ from torch import Tensor, nn
 
 from attacks.base import ATTACKS
 from attacks.image import ImageAttack
-from attacks.image_generative import progress, victim_optimizer, victim_step
+from attacks.image_generative import victim_optimizer, victim_step
+from common.guards import progress
 from tasks.base import Batch, autocast
 
 

@@ -54,14 +54,13 @@ from attacks.image_generative import (
     load_or_train,
     logits,
     pick,
-    progress,
     psnr,
     quantize,
     victim_optimizer,
     victim_step,
 )
-from benchmarks.records import config_hash
-from defenses.base import check_finite
+from common.guards import check_finite, progress
+from common.hashing import config_hash
 
 STYLE_BATCH = 32
 

@@ -18,23 +18,22 @@ quantised to uint8 (straight-through gradient), as the benchmark stores and eval
 from __future__ import annotations
 
 import copy
-import json
-import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from attacks.base import ATTACKS, select_poison_indices
+from attacks.base import ATTACKS
 from attacks.image import ImageAttack
-from benchmarks.checkpoint import atomic_write_text, load_state
-from benchmarks.records import config_hash
-from defenses.base import check_finite
-from tasks.base import Batch, autocast
+from common.checkpoint import cached_tensors
+from common.guards import check_finite, progress
+from common.hashing import config_hash
+from tasks.base import Batch, autocast, select_poison_indices
+from training.loop import recipe_optimizer, steps_per_epoch
 
 EPSILON = 1e-7  # Input-aware's EPSILON (authors' config.py, BackdoorBench inputaware/default.yaml)
 G_MILESTONES = (1 / 3, 1 / 2, 2 / 3, 5 / 6)  # Input-aware's G lr x0.1 at epochs 200, 300, 400, 500 of 600
@@ -92,18 +91,8 @@ def pick(pool: Tensor, k: int, generator: torch.Generator) -> Tensor:
     return chosen
 
 
-def progress(total: int, desc: str):
-    from tqdm.auto import tqdm
-
-    from benchmarks.victims import quiet  # benchmarks imports attacks: import at call time
-
-    return tqdm(total=total, desc=desc, disable=quiet(), leave=False)
-
-
 def victim_optimizer(model: nn.Module, recipe: dict[str, Any], n: int) -> tuple[torch.optim.Optimizer, Any, int]:
-    """The victim recipe's optimiser, schedule and steps per epoch (``benchmarks.victims``, imported at call time)."""
-    from benchmarks.victims import recipe_optimizer, steps_per_epoch
-
+    """The victim recipe's optimiser, schedule and steps per epoch (:mod:`training.loop`)."""
     return *recipe_optimizer(model, recipe, n), steps_per_epoch(n, recipe["batch_size"])
 
 
@@ -111,22 +100,16 @@ def load_or_train(task: Any, key: str, nets: nn.Module, stem: str, train: Callab
                   ) -> dict[str, Any]:
     """Load ``nets`` from ``<task.cache_dir>/attacks/<key>/<stem>.safetensors``, training them first when absent
     (``train()`` fits ``nets`` in place and returns stats, written beside the weights as ``<stem>.json``); return the
-    stats. Locked like a victim, so concurrent workers train once; the JSON is written last, so an interrupted write
-    is retrained. Leaves ``nets`` frozen in eval mode."""
-    from benchmarks.victims import victim_lock  # benchmarks imports attacks: import at call time
+    stats. Cached by :func:`common.checkpoint.cached_tensors` (locked, so concurrent workers train once). Leaves
+    ``nets`` frozen in eval mode."""
+    def fit() -> tuple[dict[str, Tensor], dict[str, Any]]:
+        stats = train()
+        return nets.state_dict(), stats
 
-    d = task.cache_dir / "attacks" / key
-    with victim_lock(d):
-        if not (d / f"{stem}.json").is_file():
-            stats = train()
-            d.mkdir(parents=True, exist_ok=True)
-            tmp = d / f".{stem}.safetensors.tmp{os.getpid()}"
-            save_file({k: v.detach().cpu().contiguous() for k, v in nets.state_dict().items()}, str(tmp))
-            os.replace(tmp, d / f"{stem}.safetensors")
-            atomic_write_text(d / f"{stem}.json", json.dumps(stats, indent=1))
-    nets.load_state_dict(load_state(d / f"{stem}.safetensors"))
+    state, stats = cached_tensors(Path(task.cache_dir) / "attacks" / key, stem, fit)
+    nets.load_state_dict(state)
     nets.eval().requires_grad_(False)
-    return json.loads((d / f"{stem}.json").read_text())
+    return stats
 
 
 def victim_step(loss: Tensor, opt: torch.optim.Optimizer, sched: Any, where: str, step: int) -> None:
@@ -328,8 +311,6 @@ class InputAware(GeneratorAttack):
         """Pre-train M on clean images (mask-norm + diversity losses), then freeze it."""
         net = self.nets["M"].train()
         epochs = self.mask_epochs or max(1, round(0.25 * recipe["epochs"]))
-        from benchmarks.victims import steps_per_epoch
-
         steps = steps_per_epoch(len(split), recipe["batch_size"])
         opt = torch.optim.Adam(net.parameters(), lr=self.lr_m, betas=(0.5, 0.9))
         sched = torch.optim.lr_scheduler.MultiStepLR(opt, [round(0.4 * epochs) * steps, round(0.8 * epochs) * steps])

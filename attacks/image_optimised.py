@@ -1,6 +1,6 @@
 """Image attacks whose trigger is optimised against a clean model: Trojan and label-consistent (CLB).
 
-The clean model is the task's cached benign model (``benchmarks.victims.clean_model``); an optimised trigger is
+The clean model is the task's cached benign model (``training.victims.clean_model``); an optimised trigger is
 cached per (task config, attack config) under ``<task.cache_dir>/attacks/<hash>/`` as ``trigger.safetensors`` and a
 ``trigger.json`` sidecar (both configs and what the optimisation reached), so every victim and every evaluation of
 the same config reuses it.
@@ -8,9 +8,7 @@ the same config reuses it.
 
 from __future__ import annotations
 
-import json
 import math
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -23,46 +21,30 @@ from torch import Tensor, nn
 
 from attacks.base import ATTACKS
 from attacks.image import ImageAttack
+from common.checkpoint import cached_tensors
+from common.hashing import config_hash
+from tasks.base import precision_identity
+from training.victims import clean_model
 
-TRIGGER_FILE = "trigger.safetensors"
 Builder = Callable[[], tuple[dict[str, Tensor], dict[str, Any]]]
 
 
-def clean_model(task: Any, seed: int) -> nn.Module:
-    """The task's cached benign model (imported lazily: ``benchmarks`` imports ``attacks``)."""
-    from benchmarks.victims import clean_model as cached_clean_model
-
-    return cached_clean_model(task, seed)
-
-
 def trigger_key(task: Any, attack: ImageAttack) -> str:
-    from benchmarks.records import config_hash
-    from tasks.base import precision_identity  # the clean model the trigger is optimised on depends on it
-
+    """The trigger cache's key: the task, the attack and an explicit precision (the clean model it is optimised on
+    depends on it)."""
     return config_hash({"task": task.config(), "attack": attack.config(), **precision_identity()})
 
 
 def cached_trigger(task: Any, attack: ImageAttack, build: Builder) -> dict[str, Tensor]:
-    """The attack's trigger tensors for ``task``: loaded from the cache, or built by ``build`` (tensors, info) and
-    cached. Concurrent workers wait on a lock instead of optimising the same trigger twice."""
-    from safetensors.torch import save_file
+    """The attack's trigger tensors for ``task``: loaded from ``<cache>/attacks/<key>/trigger.*``, or built by
+    ``build`` (tensors, info) and cached with ``{task, attack, **info}`` beside them; concurrent workers build once."""
+    def build_with_sidecar() -> tuple[dict[str, Tensor], dict[str, Any]]:
+        with torch.enable_grad():  # prepare may run inside an evaluation's no_grad
+            tensors, info = build()
+        return tensors, {"task": task.config(), "attack": attack.config(), **info}
 
-    from benchmarks.checkpoint import atomic_write_text, load_state
-    from benchmarks.victims import victim_lock
-
-    d = Path(task.cache_dir) / "attacks" / trigger_key(task, attack)
-    path = d / TRIGGER_FILE
-    if not path.is_file():
-        with victim_lock(d):
-            if not path.is_file():
-                with torch.enable_grad():  # prepare may run inside an evaluation's no_grad
-                    tensors, info = build()
-                sidecar = {"task": task.config(), "attack": attack.config(), **info}
-                atomic_write_text(d / "trigger.json", json.dumps(sidecar, indent=1, default=str))
-                tmp = d / f".{TRIGGER_FILE}.tmp{os.getpid()}"
-                save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
-                os.replace(tmp, path)  # the tensor file last: its presence marks a complete cache entry
-    return load_state(path)
+    return cached_tensors(Path(task.cache_dir) / "attacks" / trigger_key(task, attack), "trigger",
+                          build_with_sidecar)[0]
 
 
 def attacker_images(task: Any, count: int, seed: int) -> tuple[Tensor, Tensor]:

@@ -17,7 +17,8 @@ from torch import Tensor
 
 from attacks.base import ATTACKS
 from attacks.image import ImageAttack
-from attacks.image_optimised import attacker_images, cached_trigger, clean_model, trigger_key
+from attacks.image_optimised import attacker_images, cached_trigger, trigger_key
+from training.victims import clean_model
 
 
 @ATTACKS.register("sig")

@@ -21,7 +21,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from benchmarks.records import append_csv_row, config_hash, der, device_name, labelled_row, versions, write_record
+from benchmarks.records import append_csv_row, der, labelled_row, write_record
+from common.environment import device_name, versions
+from common.hashing import config_hash
 from tasks.base import resolve_device
 from tasks.image_classification import ImageClassificationTask, to_uint8
 from tasks.image_data import ImageSet

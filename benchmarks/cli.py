@@ -113,8 +113,8 @@ def cmd_list(args: argparse.Namespace) -> None:
 def cmd_train_victim(args: argparse.Namespace) -> None:
     from attacks import create_attack
     from benchmarks.validate import attack_class_problems, raise_problems, run_problems
-    from benchmarks.victims import get_victim
     from tasks import create_task
+    from training.victims import get_victim
 
     model_kwargs = parse_params(args.model_param, "--model-param")
     attack_name = None if args.attack == "none" else args.attack
@@ -142,7 +142,7 @@ def cmd_purify(args: argparse.Namespace) -> None:
     else:
         from benchmarks.records import append_csv_row, labelled_row, write_record
         from benchmarks.run import purify_victim
-        from tasks.fileio import check_write_path
+        from common.fileio import check_write_path
 
         check_write_path(Path(args.victim) / "purified", "--victim", kind="folder")
         record, out = purify_victim(args.victim, args.defense, parse_params(args.set), budget_of(args), args.seed,
@@ -207,7 +207,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
 
 def cmd_sweep(args: argparse.Namespace) -> None:
     from benchmarks.sweep import run_sweep
-    from tasks.fileio import check_write_path
+    from common.fileio import check_write_path
 
     grid = grid_with_seed(args.config, args.seed)
     out = Path(args.out or Path("results") / grid["name"])  # a grid's name is a plain folder name (load_sweep)
@@ -230,8 +230,8 @@ def cmd_sweep(args: argparse.Namespace) -> None:
 
 
 def cmd_cache(args: argparse.Namespace) -> None:
+    from common.fileio import check_write_path
     from tasks.data_cache import clean_caches, list_caches
-    from tasks.fileio import check_write_path
 
     if args.action == "ls":
         entries = list_caches(args.runs_dir)
@@ -377,7 +377,7 @@ def main(argv: list[str] | None = None) -> None:
 
             set_precision(args.precision)
         if args.command in WRITE_PATHS:
-            from tasks.fileio import check_write_path
+            from common.fileio import check_write_path
 
             for attr, flag, kind in WRITE_PATHS[args.command]:
                 if getattr(args, attr, None) is not None:

@@ -18,10 +18,10 @@ import torch
 from torchvision.ops import box_iou
 
 from attacks import create_attack
-from benchmarks.victims import get_victim
 from tasks import create_task
 from tasks.detection import EVAL_IOU, PREDICT_CONF
 from tasks.detection_data import BoxSet, xywh_to_xyxy
+from training.victims import get_victim
 
 BINS = (0, 16, 24, 32, 40, 48, 64, 91)
 

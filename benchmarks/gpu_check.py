@@ -36,12 +36,12 @@ from typing import Any
 import torch
 
 from attacks import create_attack
-from benchmarks.checkpoint import save_checkpoint
 from benchmarks.perf import time_defenses, training_throughput
-from benchmarks.records import device_name, versions
 from benchmarks.run import Paths
-from benchmarks.victims import get_victim, victim_config, victim_dir
+from common.checkpoint import save_checkpoint
+from common.environment import device_name, versions
 from tasks import CleanBudget, create_task
+from training.victims import get_victim, victim_config, victim_dir
 
 
 @dataclass(frozen=True)

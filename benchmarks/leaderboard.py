@@ -28,9 +28,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from benchmarks.checkpoint import atomic_write_text
 from benchmarks.leaderboard_plots import defence_order, defence_styles, write_plots
 from benchmarks.records import params_label, record_row
+from common.checkpoint import atomic_write_text
 
 GROUP_KEYS = ["task", "dataset", "model", "scale", "attack", "defense", "budget"]
 METRICS = [  # (column of results.csv, prefix of the leaderboard's mean/std columns)

@@ -7,7 +7,7 @@
   augmentation, label smoothing) on the attacker's poisoned training set, timed after ``--warmup-steps`` untimed
   steps, with the torch thread count and precision stated;
 - the wall time of every registered defence (``purify``'s ``wall_time_s``, CUDA-synchronised) on a copy of the
-  cached victim (``benchmarks.victims.get_victim``: trained once, then loaded) and the defender's clean split, with
+  cached victim (``training.victims.get_victim``: trained once, then loaded) and the defender's clean split, with
   its default options, or with ``--quick`` step counts scaled by ``--quick-factor`` (stated in the output);
   printed as a table with each defence's ratio to NFT's time;
 - or, with ``--variants CONFIG``, the defence entries of a sweep config instead, labelled as the sweep labels them:
@@ -35,13 +35,15 @@ from typing import Any
 import torch
 
 from attacks import create_attack
-from benchmarks.records import device_name, numerics, params_label, versions
+from benchmarks.records import params_label
 from benchmarks.train_args import add_gpu_arguments, add_precision
-from benchmarks.victims import get_victim, recipe_optimizer
+from common.environment import device_name, versions
+from common.guards import FiniteCheck, maybe_compile
 from defenses import DEFENSES, purify
-from defenses.base import FiniteCheck, maybe_compile
 from tasks import CleanBudget, Task, create_task
-from tasks.base import set_precision
+from tasks.base import numerics, set_precision
+from training.loop import recipe_optimizer
+from training.victims import get_victim
 
 # The option(s) that set how long each defence runs; --quick scales them. A defence not listed here gets its
 # integer fields with one of GENERIC_STEP_FIELDS' names scaled.

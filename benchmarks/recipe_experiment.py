@@ -24,8 +24,8 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
 
     import tasks.image_classification as image
-    from benchmarks.victims import get_victim
     from tasks import create_task
+    from training.victims import get_victim
 
     over = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.overrides)}
     seed, model_kwargs = over.pop("seed", 0), over.pop("model_kwargs", {})

@@ -1,19 +1,17 @@
-"""Run records: stable config hashes, versions, DER, atomic JSON records and results CSV rows."""
+"""Run records: labels, DER, atomic JSON records and results CSV rows (hashes: ``common.hashing``; versions and
+device: ``common.environment``)."""
 
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import json
 import os
-import platform
-import subprocess
 from pathlib import Path
 from typing import Any
 
-from benchmarks.checkpoint import atomic_write_text
-from tasks.fileio import file_lock
+from common.checkpoint import atomic_write_text
+from common.fileio import file_lock
 
 
 def params_label(name: str, params: dict[str, Any]) -> str:
@@ -24,64 +22,10 @@ def params_label(name: str, params: dict[str, Any]) -> str:
     return name + "[" + ",".join(f"{k}={v}" for k, v in sorted(params.items())) + "]"
 
 
-def config_hash(config: dict[str, Any], length: int = 12) -> str:
-    """Stable hash of a JSON-able config (key order does not matter)."""
-    blob = json.dumps(config, sort_keys=True, default=str, separators=(",", ":"))
-    return hashlib.sha256(blob.encode()).hexdigest()[:length]
-
-
 def der(acc_before: float, acc_after: float, asr_before: float, asr_after: float) -> float:
     """Defense Effectiveness Rating (BackdoorBench), with the accuracy drop subtracted as its paper means:
     DER = [max(0, ASR_before - ASR_after) - max(0, ACC_before - ACC_after) + 1] / 2, in [0, 1]."""
     return (max(0.0, asr_before - asr_after) - max(0.0, acc_before - acc_after) + 1) / 2
-
-
-def versions() -> dict[str, str]:
-    import numpy
-    import torch
-
-    out = {"python": platform.python_version(), "torch": torch.__version__, "numpy": numpy.__version__,
-           "nftbench": _package_version(), "platform": platform.platform()}
-    commit = _git_commit()
-    if commit:
-        out["git_commit"] = commit
-    return out
-
-
-def _package_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("nftbench")
-    except PackageNotFoundError:
-        return "unknown"
-
-
-def _git_commit() -> str | None:
-    try:
-        root = Path(__file__).resolve().parent.parent
-        out = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
-                             text=True, timeout=5)
-        return out.stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def device_name(device: Any) -> str:
-    import torch
-
-    if getattr(device, "type", str(device)) == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
-
-
-def numerics(task: Any) -> dict[str, Any]:
-    """How a victim or run computed: the precision in effect on its device and torch's CPU thread count."""
-    import torch
-
-    from tasks.base import precision_in_effect
-
-    return {"precision": precision_in_effect(task.device, task.amp), "torch_threads": torch.get_num_threads()}
 
 
 def write_record(path: str | os.PathLike, record: dict[str, Any]) -> Path:

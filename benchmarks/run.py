@@ -13,25 +13,17 @@ from typing import Any
 from torch import nn
 
 from attacks import Attack, create_attack
-from benchmarks.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from benchmarks.interrupts import INTERRUPTED
-from benchmarks.records import (
-    append_csv_row,
-    config_hash,
-    der,
-    device_name,
-    labelled_row,
-    numerics,
-    read_results_csv,
-    versions,
-    write_record,
-)
+from benchmarks.records import append_csv_row, der, labelled_row, read_results_csv, write_record
 from benchmarks.validate import attack_class_problems, budget_problems, raise_problems, run_problems
-from benchmarks.victims import get_victim, load_attack_artifacts
+from common.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from common.environment import device_name, versions
+from common.fileio import check_write_path
+from common.hashing import config_hash
 from defenses import DEFENSES, purify
 from tasks import CleanBudget, Task, create_task
-from tasks.base import precision_identity
-from tasks.fileio import check_write_path
+from tasks.base import numerics, precision_identity
+from training.victims import get_victim, load_attack_artifacts
 
 
 # Set by the CLI's Ctrl-C handler. A Ctrl-C that lands inside a library's native code can come back as that library's

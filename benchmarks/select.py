@@ -1,7 +1,7 @@
 """Choose a defence variant honestly, then evaluate the choice elsewhere.
 
 A defender never sees the attacker's trigger or the evaluation test set, so a default cannot be picked by the ASR
-of the victims it is reported on. The rule here (issue 9; README, "What we found"): the defender tunes on a
+of the victims it is reported on. The rule here (issue 9; results/README.md, "What we found"): the defender tunes on a
 *development* task it controls, with backdoors it plants itself (``benchmarks/configs/nft-dev-digits.yaml``:
 sklearn digits, BadNets, Blend and Input-aware, three seeds), and picks the variant with the highest mean DER over
 every development cell; a variant counts as better than the paper's default only when its mean paired DER gain

@@ -22,10 +22,10 @@ from typing import Any
 
 import pandas as pd
 
-from benchmarks.checkpoint import atomic_write_text
 from benchmarks.leaderboard import GROUP_KEYS, _safe, aggregate, clean_metric, find_records, load_records, records_frame
 from benchmarks.leaderboard_plots import PLOTS, defence_order, defence_styles, main_setting, write_plots
 from benchmarks.records import _git_commit
+from common.checkpoint import atomic_write_text
 
 ASSETS = Path(__file__).with_name("site_assets")
 PAPER = Path(__file__).with_name("paper_table1_cifar10.json")

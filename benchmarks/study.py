@@ -36,11 +36,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from benchmarks.checkpoint import atomic_write_text
 from benchmarks.leaderboard import GROUP_KEYS, aggregate, find_records, load_records, records_frame
 from benchmarks.leaderboard_plots import MARKERS, _empty, _figure, _save
 from benchmarks.select import markdown as ranking_markdown
 from benchmarks.select import rank_variants
+from common.checkpoint import atomic_write_text
 
 PARTS = ("dev-digits", "variants", "budgets", "scale")
 # The NFT engine's summary of the learnt masks (defenses/nft.py, its record's defense_info): column -> key.

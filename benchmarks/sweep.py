@@ -48,12 +48,15 @@ from typing import Any
 
 import yaml
 
-from benchmarks.checkpoint import atomic_write_text
 from benchmarks.interrupts import INTERRUPTED
-from benchmarks.records import CSV_COLUMNS, config_hash, labelled_row, params_label, versions, write_record
+from benchmarks.records import CSV_COLUMNS, labelled_row, params_label, write_record
 from benchmarks.run import Paths, RunConfig, run_config, run_once
 from benchmarks.validate import attack_class_problems, attack_problems, budget_problems, model_problems
-from tasks.fileio import file_lock
+from common.checkpoint import atomic_write_text
+from common.environment import versions
+from common.fileio import file_lock
+from common.guards import quiet
+from common.hashing import config_hash
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 
@@ -476,8 +479,8 @@ def plan_sweep(grid: dict[str, Any], out: Path, paths: Paths, log: Callable[[str
     once per (task, dataset, model) on the CPU: the data fingerprint is part of each hash, so this reads (and on
     first use decodes) each dataset."""
     from attacks import create_attack
-    from benchmarks.victims import victim_config, victim_dir
     from tasks import create_task
+    from training.victims import victim_config, victim_dir
 
     cfgs = expand(grid)
     optional = set(grid.get("optional_datasets") or [])
@@ -738,12 +741,6 @@ def run_claimed_cell(cell: Cell, paths: Paths, out: Path) -> dict[str, Any]:
 
 # --------------------------------------------------------------------------------------------------- executors
 _WORKER: dict[str, Any] = {"slot": 0, "bar": None}
-
-
-def quiet() -> bool:
-    from benchmarks.victims import quiet as victims_quiet
-
-    return victims_quiet()
 
 
 def _init_worker(slots: Any, gpus: list[str], threads: int, bar_lock: Any) -> None:

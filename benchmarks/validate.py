@@ -16,8 +16,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, get_type_hints
 
+from common.fileio import convert_to_safetensors_hint
 from tasks.base import CleanBudget, Task, coerce_option
-from tasks.fileio import convert_to_safetensors_hint
 
 SET_BY_TASK = {"num_classes", "in_channels"}  # model factory arguments the task fills in, not the user
 POSITIVE = ("width",)  # size multipliers: 0 or less builds a degenerate network that still trains
@@ -101,7 +101,7 @@ def translation_range(label: str, key: str, value: float) -> list[str]:
 def pretrained_problems(task: str, path: Path, label: str) -> list[str]:
     """``pretrained`` is a safetensors file (image, detection) or a Marian folder (translation): checked to exist and
     to hold what loading needs, by header only (nothing is unpickled or loaded)."""
-    from benchmarks.checkpoint import CheckpointError, check_safetensors_file
+    from common.checkpoint import CheckpointError, check_safetensors_file
 
     if task == "translation":
         if not path.is_dir():

@@ -15,7 +15,7 @@ from typing import Any
 
 import pandas as pd
 
-from benchmarks.records import config_hash
+from common.hashing import config_hash
 
 COLUMNS = ["victim_id", "model", "attack", "seed", "clean_acc", "asr", "ra", "train_min", "images_per_s",
            "torch_threads", "precision", "load_avg_at_end", "epochs", "recipe_id", "device", "created"]

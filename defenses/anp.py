@@ -53,7 +53,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from defenses.base import FiniteCheck, fused_options, maybe_compile, register_defense
+from common.guards import FiniteCheck, fused_options, maybe_compile
+from defenses.base import register_defense
 from defenses.masking import MaskedLayer, NeuronMasks
 
 PRUNE_RULES = ("threshold", "number", "fraction", "clean_acc")

@@ -40,7 +40,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from defenses.base import check_finite, register_defense
+from common.guards import check_finite
+from defenses.base import register_defense
 from defenses.sau import loss_and_logits
 
 CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)

@@ -37,7 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from defenses.base import check_finite, register_defense
+from common.guards import check_finite
+from defenses.base import register_defense
 from defenses.fine_pruning import module_name
 from tasks.base import Batch
 

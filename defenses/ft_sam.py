@@ -37,7 +37,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from defenses.base import check_finite, register_defense
+from common.guards import check_finite
+from defenses.base import register_defense
 from defenses.ft import check_finetune_options
 
 EPS = 1e-12  # the authors' perturb_eps

@@ -43,7 +43,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from defenses.base import check_finite, register_defense
+from common.guards import check_finite
+from defenses.base import register_defense
 
 
 @dataclass

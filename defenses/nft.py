@@ -29,7 +29,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from defenses.base import FiniteCheck, fused_options, maybe_compile, register_defense
+from common.guards import FiniteCheck, fused_options, maybe_compile
+from defenses.base import register_defense
 from defenses.masking import FAMILIES, TRANSFORMER_TARGETS, NeuronMasks
 
 MASK_TARGETS = (*FAMILIES, *TRANSFORMER_TARGETS)

@@ -42,8 +42,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from common.guards import check_finite
 from defenses.anp import prune_neurons
-from defenses.base import check_finite, register_defense
+from defenses.base import register_defense
 from defenses.masking import NeuronMasks
 from defenses.sau import loss_and_logits
 

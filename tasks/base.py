@@ -388,6 +388,11 @@ def precision_in_effect(device: torch.device, enabled: bool = True) -> str:
     return "bf16" if device.type == "cuda" or (device.type == "cpu" and cpu_has_bf16()) else "fp32"
 
 
+def numerics(task: Any) -> dict[str, Any]:
+    """How a victim or run computes: the precision in effect on its task's device and torch's CPU thread count."""
+    return {"precision": precision_in_effect(task.device, task.amp), "torch_threads": torch.get_num_threads()}
+
+
 def autocast(device: torch.device, enabled: bool = True):
     """bf16 autocast where :func:`precision_in_effect` says bf16; a no-op elsewhere."""
     if precision_in_effect(device, enabled) == "bf16":
@@ -454,6 +459,22 @@ def select_clean(y: Tensor, reserve_idx: Tensor, num_classes: int, budget: Clean
                              f"{len(reserve_y)} ({len(reserve_y) / len(y):.0%} of train); lower it")
         chosen = torch.randperm(len(reserve_y), generator=g)[:n]
     return reserve_idx[chosen.sort().values]
+
+
+def select_poison_indices(labels: Tensor, attack: Any, generator: torch.Generator) -> Tensor:
+    """Exactly ``round(poison_rate * N)`` indices, drawn without replacement from the samples
+    ``attack.poison_pool`` allows."""
+    n_poison = int(math.floor(attack.poison_rate * len(labels) + 0.5))
+    labels = labels.cpu()
+    pool, what = attack.poison_pool(labels)
+    eligible = torch.nonzero(pool).flatten()
+    if n_poison > len(eligible):
+        raise ValueError(
+            f"poison_rate {attack.poison_rate} asks for {n_poison} poisoned samples but only "
+            f"{len(eligible)} are eligible ({what}); lower --poison-rate"
+        )
+    chosen = eligible[torch.randperm(len(eligible), generator=generator)[:n_poison]]
+    return chosen.sort().values
 
 
 def beta_sample(alpha: float, generator: torch.Generator) -> float:

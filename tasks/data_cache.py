@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
-from tasks.fileio import file_lock
+from common.fileio import file_lock
 
 T = TypeVar("T")
 KEY = re.compile(r"-[0-9a-f]{10}$")

@@ -35,6 +35,7 @@ import torch
 from torch import Tensor, nn
 from torchvision.ops import box_iou
 
+from common.checkpoint import load_checkpoint
 from tasks.base import TASKS, Batch, CleanBudget, Task, autocast, beta_sample, resolve_device, select_clean
 from tasks.detection_data import BoxSet, DetectionDataset, load_detection_dataset, xywh_to_xyxy
 
@@ -217,8 +218,6 @@ class DetectionTask(Task):
             model = YoloDetector(self.model_name, self.num_classes)
         pretrained = self.model_kwargs.get("pretrained")
         if pretrained is not None:
-            from benchmarks.checkpoint import load_checkpoint  # benchmarks imports tasks: import at call time
-
             model = load_checkpoint(Path(pretrained).expanduser(), model)
         return model.to(self.device)
 

@@ -285,7 +285,7 @@ def load_pretrained_state(path: str) -> dict[str, Tensor]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from tasks.fileio import convert_to_safetensors_hint
+    from common.fileio import convert_to_safetensors_hint
 
     p = Path(path).expanduser()
     if not p.is_file():

@@ -59,6 +59,7 @@ from tasks.base import (
     precision_identity,
     resolve_device,
     select_clean,
+    select_poison_indices,
     stratified_split,
 )
 from tasks.point_data import PointDataset, PointSet, load_point_dataset, rotation_matrices
@@ -163,8 +164,6 @@ class PointCloudTask(TensorBatches, Task):
 
     def attacker_train(self, attack: Attack | None, seed: int) -> tuple[PointSet, Tensor]:
         """The attacker's training set, poisoned by ``attack`` (exact, seeded); and the poisoned indices."""
-        from attacks.base import select_poison_indices
-
         self.check_attack(attack)
         train = self._train_on_device.subset(self.attacker_idx)
         if attack is None or attack.poison_rate == 0:

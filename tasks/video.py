@@ -51,6 +51,7 @@ from tasks.base import (
     beta_sample,
     resolve_device,
     select_clean,
+    select_poison_indices,
     stratified_split,
 )
 from tasks.video_data import VideoDataset, VideoSet, load_video_dataset
@@ -250,8 +251,6 @@ class VideoTask(TensorBatches, Task):
 
     def attacker_train(self, attack: Attack | None, seed: int) -> tuple[VideoSet, Tensor]:
         """The attacker's training clips, poisoned by ``attack`` (exact count, seeded); and the poisoned indices."""
-        from attacks.base import select_poison_indices
-
         self.check_attack(attack)
         train = self.data.train.subset(self.attacker_idx)
         if attack is None or attack.poison_rate == 0:

@@ -68,7 +68,7 @@ def digits_victim(digits_task, runs_dir):
     the benign model), trained once per session and shared by every test module (the model too: copy it before
     editing it)."""
     from attacks import create_attack
-    from benchmarks.victims import get_victim
+    from training.victims import get_victim
 
     cache = {}
 

@@ -7,12 +7,12 @@ import pandas as pd
 import pytest
 import torch
 
-from benchmarks.victims import Lookahead, recipe_optimizer, train_model, triangle
 from defenses import purify
 from defenses.masking import NeuronMasks
 from defenses.nft import layer_floors
 from tasks import CleanBudget, create_task
 from tasks.image_models import IMAGE_MODELS
+from training.loop import Lookahead, recipe_optimizer, train_model, triangle
 
 
 @pytest.fixture(scope="module")

@@ -10,8 +10,8 @@ from conftest import DIGITS_ACC_ALLOWANCE, asr_floor
 
 import attacks.image_generative as gen
 from attacks import create_attack
-from benchmarks.victims import get_victim
 from tasks.image_classification import to_float, to_uint8
+from training.victims import get_victim
 
 # Digits-specific parameters (16x16 grey digits, a 30-epoch victim of ~510 steps, one CPU core), each with its reason:
 DIGITS = {

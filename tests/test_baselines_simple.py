@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from benchmarks.checkpoint import load_checkpoint, save_checkpoint
+from common.checkpoint import load_checkpoint, save_checkpoint
 from defenses import purify
 from defenses.clp import channel_lipschitz, conv_bn_pairs
 from tasks import CleanBudget

@@ -13,7 +13,6 @@ pytest.importorskip("ultralytics")
 from attacks import create_attack  # noqa: E402
 from benchmarks.records import write_record  # noqa: E402
 from benchmarks.run import defend  # noqa: E402
-from benchmarks.victims import get_victim  # noqa: E402
 from defenses import purify  # noqa: E402
 from tasks import Batch, CleanBudget, create_task  # noqa: E402
 from tasks.detection_data import (  # noqa: E402
@@ -23,6 +22,7 @@ from tasks.detection_data import (  # noqa: E402
     load_detection_dataset,
     xywh_to_xyxy,
 )
+from training.victims import get_victim  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -9,8 +9,8 @@ from conftest import TEST_THREADS
 
 from benchmarks.cli import main
 from benchmarks.run import Paths, RunConfig, defend, run_once
-from benchmarks.victims import get_victim
 from tasks import CleanBudget
+from training.victims import get_victim
 
 RECORD_FIELDS = {"run_id", "status", "config", "victim_id", "victim_train_time_s", "before", "after", "der",
                  "defense_info", "versions", "device", "precision", "torch_threads", "clean_samples", "started",

@@ -6,10 +6,11 @@ import pytest
 import torch
 
 from attacks import create_attack
-from benchmarks.victims import get_victim, train_model, victim_config
+from common.guards import FiniteCheck, NonFiniteLossError
 from defenses import purify
-from defenses.base import FiniteCheck, NonFiniteLossError
 from tasks import CleanBudget
+from training.loop import train_model
+from training.victims import get_victim, victim_config
 
 
 def test_finite_check_reads_back_every_n_steps_and_at_the_end():

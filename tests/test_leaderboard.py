@@ -153,9 +153,9 @@ def seeded_victim_cache(tmp_path) -> Path:
     """A victim cache holding an untrained digits BadNets victim, so perf loads it instead of training one
     (wall times do not depend on the weights). Its own folder: the session's trained victim is not touched."""
     from attacks import create_attack
-    from benchmarks.checkpoint import save_checkpoint
-    from benchmarks.victims import victim_config, victim_dir
+    from common.checkpoint import save_checkpoint
     from tasks import create_task
+    from training.victims import victim_config, victim_dir
 
     runs = tmp_path / "runs"
     task = create_task("image", dataset="digits", device="cpu", cache_dir=runs)

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from benchmarks.sweep import expand, load_sweep
-from benchmarks.victims import train_model
 from defenses import purify
 from tasks import CleanBudget, create_task
 from tasks.image_data import CIFAR10_CLASSES
+from training.loop import train_model
 
 PAPER_GRIDS = {"paper": "image", "detection-voc": "detection", "translation-wmt14": "translation",
                "pointcloud-modelnet40": "pointcloud"}

@@ -15,7 +15,6 @@ from attacks import ATTACKS, create_attack
 from attacks.pointcloud import median_knn_distance, sphere_pattern
 from benchmarks.records import write_record
 from benchmarks.run import defend
-from benchmarks.victims import get_victim
 from defenses import DEFENSES, purify
 from defenses.clp import conv_bn_pairs
 from defenses.fine_pruning import channel_activations, pruning_point
@@ -29,6 +28,7 @@ from tasks.point_data import (
     procedural_clouds,
 )
 from tasks.point_models import POINTCLOUD_MODELS, feature_transform_regularizer
+from training.victims import get_victim
 
 POINTS = 128
 

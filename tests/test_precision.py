@@ -10,11 +10,11 @@ import torch
 
 from attacks import create_attack
 from benchmarks.cli import build_parser, main
-from benchmarks.records import config_hash
 from benchmarks.run import run_config
-from benchmarks.victims import get_victim, victim_config, victim_dir
+from common.hashing import config_hash
 from tasks import CleanBudget
 from tasks.base import PRECISION_ENV, autocast, cpu_has_bf16, get_precision, precision_in_effect, set_precision
+from training.victims import get_victim, victim_config, victim_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")

@@ -5,8 +5,9 @@ import pytest
 import torch
 from torch import nn
 
-from benchmarks.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from benchmarks.records import append_csv_row, config_hash, der
+from benchmarks.records import append_csv_row, der
+from common.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from common.hashing import config_hash
 
 
 def test_der_formula():

@@ -19,20 +19,20 @@ import torch
 import yaml
 from safetensors.torch import save_file
 
-from benchmarks.checkpoint import save_checkpoint
 from benchmarks.cli import main
 from benchmarks.records import CSV_COLUMNS, ResultsFileError, append_csv_row
 from benchmarks.run import Paths
 from benchmarks.sweep import load_sweep, plan_sweep, run_sweep
+from common.checkpoint import save_checkpoint
+from common.fileio import file_lock
 from tasks.data_cache import list_caches
-from tasks.fileio import file_lock
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def cheap_victim(task, attack, seed, runs_dir):
     """An untrained model saved as the cached victim of (task, attack, seed): a sweep loads it, never trains."""
-    from benchmarks.victims import victim_config, victim_dir
+    from training.victims import victim_config, victim_dir
 
     config = victim_config(task, attack, seed)
     d = victim_dir(runs_dir, config)

@@ -105,9 +105,9 @@ def test_nft_reference_prefers_the_grids_options_then_defaults():
 def test_reproduce_command_gives_the_records_run_id(digits_task):
     from attacks import create_attack
     from benchmarks.cli import attack_params, build_parser, parse_params
-    from benchmarks.records import config_hash
     from benchmarks.run import run_config
     from benchmarks.site import reproduce_command
+    from common.hashing import config_hash
     from tasks import CleanBudget
 
     attack = create_attack("blend", seed=1, poison_rate=0.05, alpha=0.3)

@@ -19,7 +19,6 @@ import pytest
 import torch
 import yaml
 
-from benchmarks.checkpoint import save_checkpoint
 from benchmarks.cli import main
 from benchmarks.run import Paths
 from benchmarks.sweep import (
@@ -30,6 +29,7 @@ from benchmarks.sweep import (
     run_sweep,
     unresolved_run_id,
 )
+from common.checkpoint import save_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 VOLATILE = {"started", "finished", "wall_time_s", "versions", "device"}
@@ -37,7 +37,7 @@ VOLATILE = {"started", "finished", "wall_time_s", "versions", "device"}
 
 def cheap_victim(task, attack, seed, runs_dir):
     """An untrained model saved as the cached victim of (task, attack, seed): a sweep loads it, never trains."""
-    from benchmarks.victims import victim_config, victim_dir
+    from training.victims import victim_config, victim_dir
 
     config = victim_config(task, attack, seed)
     d = victim_dir(runs_dir, config)
@@ -368,7 +368,7 @@ def test_csv_is_rebuilt_from_records_only(tmp_path):
 
 # ------------------------------------------------------------------------------------------- concurrency
 def test_victim_lock_makes_concurrent_workers_train_once(tmp_path, monkeypatch):
-    import benchmarks.victims as victims
+    import training.victims as victims
     from attacks import create_attack
     from tasks import create_task
 

@@ -12,10 +12,9 @@ from conftest import SHARED_DATA, NoTestDataTask
 
 import tasks.translation as tr
 from attacks import ATTACKS, create_attack
-from benchmarks.checkpoint import load_checkpoint, save_checkpoint
 from benchmarks.records import write_record
 from benchmarks.run import defend
-from benchmarks.victims import get_victim
+from common.checkpoint import load_checkpoint, save_checkpoint
 from defenses import purify
 from defenses.anp import prune_masked
 from defenses.masking import NeuronMasks
@@ -27,6 +26,7 @@ from tasks.translation_data import (
     load_corpus,
     procedural_pairs,
 )
+from training.victims import get_victim
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ from test_attacks_generative import DIGITS as GENERATIVE
 from test_attacks_zoo import DIGITS_PARAMS, NAMES
 
 from attacks import create_attack
-from benchmarks.victims import get_victim
+from training.victims import get_victim
 
 ATTACKS = {"badnets": {}, "blend": {}, **{n: DIGITS_PARAMS.get(n, {}) for n in NAMES}, **GENERATIVE, "cba": CBA,
            "fba": FBA}

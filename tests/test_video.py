@@ -14,7 +14,6 @@ from torch import nn
 
 import tasks.video as tv
 from attacks import ATTACKS, create_attack
-from benchmarks.victims import get_victim
 from defenses import DEFENSES, purify
 from defenses.clp import conv_bn_pairs
 from defenses.masking import NeuronMasks
@@ -27,6 +26,7 @@ from tasks.video_data import (
     load_video_dataset,
     procedural_clips,
 )
+from training.victims import get_victim
 
 FRAMES, SIZE = 8, 16
 

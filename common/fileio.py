@@ -38,6 +38,13 @@ def file_lock(path: str | os.PathLike, blocking: bool = True) -> Iterator[bool]:
         os.close(fd)  # closing the descriptor releases the lock
 
 
+def dir_lock(folder: str | os.PathLike):
+    """:func:`file_lock` on ``<folder>.lock`` beside a cache folder (a victim, a trigger, a trained encoder), so
+    concurrent workers (processes, Ray tasks on a shared file system) build it once: the others wait, then load it."""
+    d = Path(folder)
+    return file_lock(d.parent / f"{d.name}.lock")
+
+
 def _name_max(folder: Path) -> int:
     try:
         return os.pathconf(folder, "PC_NAME_MAX")

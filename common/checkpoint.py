@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,13 +34,24 @@ def save_checkpoint(directory: str | os.PathLike, model: nn.Module, sidecar: dic
                     sidecar_name: str = "checkpoint.json") -> Path:
     """Write ``model.safetensors`` (then the sidecar) atomically into ``directory``."""
     d = Path(directory)
-    d.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    tmp = d / f".model.safetensors.tmp{os.getpid()}"
-    save_file(state, str(tmp), metadata={"format": "nftbench"})
-    os.replace(tmp, d / "model.safetensors")
+    save_tensors(d / "model.safetensors", model.state_dict(), metadata={"format": "nftbench"})
     atomic_write_text(d / sidecar_name, json.dumps(sidecar, indent=1, default=str))
     return d / "model.safetensors"
+
+
+def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
+                 ) -> Path:
+    """Write ``tensors`` (detached, on the CPU) as a safetensors file, atomically: a temporary file renamed into
+    place, so a reader never sees half a file and a file's presence means it is complete."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(f".{p.name}.tmp{os.getpid()}")
+    try:
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+        os.replace(tmp, p)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return p
 
 
 def check_safetensors_file(path: Path) -> None:
@@ -92,3 +104,21 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module) -> nn.Module:
         )
     model.load_state_dict(state)
     return model
+
+
+def cached_tensors(folder: str | os.PathLike, stem: str, build: Callable[[], tuple[dict[str, torch.Tensor], dict]]
+                   ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """``<folder>/<stem>.safetensors`` and its JSON sidecar ``<stem>.json`` (a trigger, a trained encoder), built
+    first by ``build() -> (tensors, info)`` when absent. Locked (:func:`common.fileio.dir_lock`), so concurrent workers
+    build it once; the sidecar is written first and the tensors last, so an interrupted build is built again."""
+    from common.fileio import dir_lock
+
+    d = Path(folder)
+    path, sidecar = d / f"{stem}.safetensors", d / f"{stem}.json"
+    if not (path.is_file() and sidecar.is_file()):
+        with dir_lock(d):
+            if not (path.is_file() and sidecar.is_file()):
+                tensors, info = build()
+                atomic_write_text(sidecar, json.dumps(info, indent=1, default=str))
+                save_tensors(path, tensors)
+    return load_state(path), json.loads(sidecar.read_text())
