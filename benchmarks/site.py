@@ -2,8 +2,9 @@
 
 Writes ``index.html`` (tasks and datasets, run counts, date, commit, the regenerating command), one page per task
 and dataset (rankings by mean DER, attack x defence heat maps of ASR and of the clean-metric drop, a sortable,
-filterable table of every cell, the figures, the failed runs) and ``plots/*.png``. Every page is one file with its
-CSS and JavaScript inlined (``site_assets/``): no server, no CDN, it works from ``file://`` and any static host.
+filterable table of every cell, the figures, the failed runs), ``plots/*.png`` and the pages' shared ``site.css`` and
+``site.js`` (from ``site_assets/``, linked relatively): no server, no CDN, it works from ``file://`` and any static
+host.
 Each cell opens a detail view: its runs (seed, metrics, times, device, versions), the defence's options, a link to
 each run record and the ``nftbench run`` command that reproduces it. Where NFT's paper reports a CIFAR-10 cell
 (``paper_table1_cifar10.json``), its number sits beside ours.
@@ -24,8 +25,8 @@ import pandas as pd
 
 from benchmarks.leaderboard import GROUP_KEYS, _safe, aggregate, clean_metric, find_records, load_records, records_frame
 from benchmarks.leaderboard_plots import PLOTS, defence_order, defence_styles, main_setting, write_plots
-from benchmarks.records import _git_commit
 from common.checkpoint import atomic_write_text
+from common.environment import git_commit
 
 ASSETS = Path(__file__).with_name("site_assets")
 PAPER = Path(__file__).with_name("paper_table1_cifar10.json")
@@ -304,13 +305,13 @@ def detail_html(key: str, r: pd.Series, runs: pd.DataFrame, records: dict[str, d
 
 
 def _page(title: str, body: str, script: bool) -> str:
-    css = (ASSETS / "site.css").read_text()
     dialog = ('<dialog id="detail"><header><h2></h2><button class="close" type="button">close</button></header>'
               '<div class="body"></div></dialog>' if script else "")
-    js = f"<script>\n{(ASSETS / 'site.js').read_text()}</script>" if script else ""
+    js = '<script src="site.js"></script>' if script else ""
     return (f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8">'
             f'<meta name="viewport" content="width=device-width, initial-scale=1"><link rel="icon" href="data:,">'
-            f"<title>{escape(title)}</title><style>\n{css}</style></head>\n<body>\n{body}\n{dialog}{js}</body></html>\n")
+            f'<title>{escape(title)}</title><link rel="stylesheet" href="site.css"></head>\n'
+            f"<body>\n{body}\n{dialog}{js}</body></html>\n")
 
 
 def _filters(agg: pd.DataFrame) -> str:
@@ -418,7 +419,7 @@ def build_site(roots: list[str | Path], out: str | Path, command: str | None = N
     by_id = {r["run_id"]: r for r in records}
     command = command or "nftbench leaderboard " + " ".join(shlex.quote(str(r)) for r in roots) + \
         f" --html --out {shlex.quote(str(out))}"
-    commit = _git_commit()
+    commit = git_commit()
     generated = f"Generated {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC" + (f" at commit {commit}" * bool(commit))
     footer = f"<footer class='meta'><p>{generated}. Regenerate: <code>{escape(command)}</code></p></footer>"
     paper = load_paper()
@@ -436,6 +437,8 @@ def build_site(roots: list[str | Path], out: str | Path, command: str | None = N
         written["pages"].append(page)
         written["plots"] += list(plots.values())
     out.mkdir(parents=True, exist_ok=True)
+    for asset in ("site.css", "site.js"):  # shared by every page
+        atomic_write_text(out / asset, (ASSETS / asset).read_text())
     atomic_write_text(out / "index.html", index_page(df, pages, notes, paper, footer, generated))
     written["index"] = out / "index.html"
     return written

@@ -15,7 +15,7 @@ def versions() -> dict[str, str]:
 
     out = {"python": platform.python_version(), "torch": torch.__version__, "numpy": numpy.__version__,
            "nftbench": _package_version(), "platform": platform.platform()}
-    commit = _git_commit()
+    commit = git_commit()
     if commit:
         out["git_commit"] = commit
     return out
@@ -30,7 +30,7 @@ def _package_version() -> str:
         return "unknown"
 
 
-def _git_commit() -> str | None:
+def git_commit() -> str | None:
     try:
         root = Path(__file__).resolve().parent.parent
         out = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,

@@ -56,7 +56,8 @@ DEFAULT_RESERVE = 0.05
 # at peak lr; BN biases at 64x lr; the whitening bias trained for 3 epochs only; triangular lr 0.2 -> 1 at 23% of
 # the steps -> 0.07; label smoothing 0.2; lookahead every 5 steps (decay 0.95^5 x (step / total)^3, the net takes
 # the average at the end); 2-px reflect-padded translation + flip. Epochs: airbench94's 9.9 reach 94.0% with
-# test-time augmentation; nftbench evaluates one view (no TTA, as ASR must be), so it trains longer (see results/README.md).
+# test-time augmentation; nftbench evaluates one view (no TTA, as ASR must be), so it trains longer
+# (see results/README.md).
 _AIRBENCH_KILOSTEP = 1 + 1 / (1 - 0.85)
 FAST_RECIPE: dict[str, Any] = dict(
     epochs=18, batch_size=1024, lr=11.5 / _AIRBENCH_KILOSTEP, momentum=0.85, nesterov=True,

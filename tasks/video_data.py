@@ -29,8 +29,9 @@ import hashlib
 import json
 import math
 import os
+import threading
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -231,7 +232,7 @@ def cached_clip(job: tuple[str, str, int, int, str]) -> str:
     out = Path(cache_dir) / "video-clips" / f"{key}-t{frames}-{size}px.npy"
     if not out.is_file():
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(out.name + f".tmp{os.getpid()}.npy")
+        tmp = out.with_name(out.name + f".tmp{os.getpid()}-{threading.get_ident()}.npy")
         np.save(tmp, decode_clip(path, frames, size), allow_pickle=False)
         os.replace(tmp, out)
     return str(out)
@@ -244,10 +245,12 @@ def decode_videos(items: list[tuple[Path, str, int]], frames: int, size: int, ca
     jobs = [(str(p), file_key(p, rel), frames, size, str(cache_dir)) for p, rel, _ in items]
     x = np.lib.format.open_memmap(scratch / f"{prefix}_x.npy", mode="w+", dtype=np.uint8,
                                   shape=(len(items), 3, frames, size, size))
+    # Threads, not processes: PyAV decodes and torch resizes outside the GIL, and a forked child of a process whose
+    # OpenMP / FFmpeg threads already ran can die abruptly (it did on CI's machine).
     workers = min(len(jobs), os.cpu_count() or 1)
     if workers > 1:
-        with ProcessPoolExecutor(workers) as pool:
-            paths = list(pool.map(cached_clip, jobs, chunksize=8))
+        with ThreadPoolExecutor(workers) as pool:
+            paths = list(pool.map(cached_clip, jobs))
     else:
         paths = [cached_clip(j) for j in jobs]
     for i, p in enumerate(paths):

@@ -133,7 +133,7 @@ def site(results, tmp_path_factory) -> Path:
 
 def test_site_pages_are_self_contained_and_name_each_metric(site, results):
     names = sorted(p.name for p in site.iterdir())
-    assert names == ["detection_procedural.html", "image_cifar10.html", "index.html", "plots"]
+    assert names == ["detection_procedural.html", "image_cifar10.html", "index.html", "plots", "site.css", "site.js"]
     assert len(list((site / "plots").glob("*.png"))) == 6
     index = (site / "index.html").read_text()
     assert "--html --out" in index and "36 run records, 1 failed" in index and "mAP@0.5" in index
@@ -141,6 +141,7 @@ def test_site_pages_are_self_contained_and_name_each_metric(site, results):
     det = (site / "detection_procedural.html").read_text()
     for page in (index, cifar, det):
         assert not re.search(r"""(src|href)=["']?(https?:)?//""", page)  # nothing loaded from elsewhere
+        assert '<link rel="stylesheet" href="site.css">' in page  # the shared assets, once each beside the pages
     assert "<th data-type=\"num\" title=\"click to sort\">mAP@0.5</th>" in det and "C-ACC before" in cifar
     assert "92.96 / 100.00" in cifar  # the paper's BadNets victim beside ours
     assert "95.56 / 1.81" in cifar  # and its NFT average over 14 attacks in the ranking
