@@ -13,7 +13,8 @@ from attacks.base import ATTACKS
 from attacks.image import ImageAttack
 from attacks.image_generative import victim_optimizer, victim_step
 from common.guards import progress
-from tasks.base import Batch, autocast
+from common.precision import autocast
+from tasks.base import Batch
 
 
 def splice(a: Tensor, b: Tensor, jitter: Tensor, first: Tensor, second: Tensor, dim: int) -> Tensor:

@@ -32,7 +32,8 @@ from attacks.image import ImageAttack
 from common.checkpoint import cached_tensors
 from common.guards import check_finite, progress
 from common.hashing import config_hash
-from tasks.base import Batch, autocast, select_poison_indices
+from common.precision import autocast
+from tasks.base import Batch, select_poison_indices
 from training.loop import recipe_optimizer, steps_per_epoch
 
 EPSILON = 1e-7  # Input-aware's EPSILON (authors' config.py, BackdoorBench inputaware/default.yaml)

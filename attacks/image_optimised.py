@@ -23,7 +23,7 @@ from attacks.base import ATTACKS
 from attacks.image import ImageAttack
 from common.checkpoint import cached_tensors
 from common.hashing import config_hash
-from tasks.base import precision_identity
+from common.precision import precision_identity
 from training.victims import clean_model
 
 Builder = Callable[[], tuple[dict[str, Tensor], dict[str, Any]]]

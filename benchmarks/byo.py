@@ -1,8 +1,9 @@
 """Bring your own model: purify a user's image classifier with the user's own clean images.
 
 ``nftbench purify --model torchvision:resnet18 --weights suspect.safetensors --clean-data clean/`` and
-``benchmarks.api.purify`` both end here. The defence sees the model and the clean images only (through
-:class:`benchmarks.perf.DefenderView`); the user's test and triggered images are used after it, to measure.
+``benchmarks.api.purify`` both end here. The defence sees the model and the clean images only (through the
+:class:`tasks.base.DefenderView` that ``purify`` builds); the user's test and triggered images are used after it, to
+measure.
 Nothing is written until the defence has finished; every bad input is one error before any work.
 """
 
@@ -247,7 +248,6 @@ def purify_image_model(net: nn.Module, clean: Any, *, model_label: str, defense:
     """Purify ``net`` (weights loaded) with ``defense`` on ``clean``; return the purified net and the run record.
 
     ``normalize``: (mean, std) the model was trained with, or ``"none"``; never estimated from the clean data."""
-    from benchmarks.perf import DefenderView
     from defenses import DEFENSES, purify
 
     options = dict(options or {})
@@ -286,7 +286,7 @@ def purify_image_model(net: nn.Module, clean: Any, *, model_label: str, defense:
                               "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "clean_samples": len(clean_set)}
     record["before"] = measure(task, model, test_set, triggered_set, target)
     before_state = {k: (v.shape, v.dtype) for k, v in net.state_dict().items()}
-    purified, info = purify(defense, copy.deepcopy(model), DefenderView(task), task.clean, options, seed=seed)
+    purified, info = purify(defense, copy.deepcopy(model), task, task.clean, options, seed=seed)
     record["defense_info"] = info
     record["after"] = after = measure(task, purified, test_set, triggered_set, target)
     before = record["before"]

@@ -373,7 +373,7 @@ def main(argv: list[str] | None = None) -> None:
     INTERRUPTED.clear()
     try:
         if getattr(args, "precision", None):
-            from tasks.base import set_precision
+            from common.precision import set_precision
 
             set_precision(args.precision)
         if args.command in WRITE_PATHS:

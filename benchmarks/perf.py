@@ -39,9 +39,9 @@ from benchmarks.records import params_label
 from benchmarks.train_args import add_gpu_arguments, add_precision
 from common.environment import device_name, versions
 from common.guards import FiniteCheck, maybe_compile
+from common.precision import numerics, set_precision
 from defenses import DEFENSES, purify
 from tasks import CleanBudget, Task, create_task
-from tasks.base import numerics, set_precision
 from training.loop import recipe_optimizer
 from training.victims import get_victim
 
@@ -52,20 +52,7 @@ STEP_FIELDS: dict[str, tuple[str, ...]] = {
     "clp": (), "rnp": ("unlearn_epochs", "recover_epochs"), "nad": ("epochs", "teacher_epochs"),
 }
 GENERIC_STEP_FIELDS = ("steps", "iterations", "rounds", "epochs")
-
-
-class DefenderView:
-    """The task as a defence may see it: no test split, no evaluator, no raw dataset (raises on access)."""
-
-    FORBIDDEN = ("test", "evaluate", "data")
-
-    def __init__(self, task: Task):
-        object.__setattr__(self, "_task", task)
-
-    def __getattr__(self, name: str) -> Any:
-        if name in self.FORBIDDEN:
-            raise AttributeError(f"perf: a defence accessed task.{name}; defences may only use their clean split")
-        return getattr(self._task, name)
+PASSES = ("forward_passes", "forward_samples", "backward_passes", "backward_samples")  # what purify counts
 
 
 def step_fields(name: str) -> tuple[str, ...]:
@@ -140,17 +127,16 @@ def time_defenses(task: Task, model: torch.nn.Module, clean: Any, runs: list[tup
                   seed: int, repeats: int = 1) -> list[dict[str, Any]]:
     """Each (label, defence, options) run ``repeats`` times on a fresh copy of ``model``; the median wall time, or
     the error, and the ratio to the run labelled ``nft`` (the paper's defaults)."""
-    view = DefenderView(task)
     _warm_up(model, task, clean, seed)
     rows = []
     for label, name, options in runs:
         row: dict[str, Any] = {"defense": label, "name": name, "options": options, "times_s": []}
         try:
             for _ in range(repeats):
-                _, info = purify(name, copy.deepcopy(model), view, clean, options, seed=seed)
+                _, info = purify(name, copy.deepcopy(model), task, clean, options, seed=seed)
                 row["times_s"].append(info["wall_time_s"])
             row["time_s"] = statistics.median(row["times_s"])
-            row["forward_passes"] = info.get("forward_passes")
+            row.update({k: info[k] for k in PASSES})
         except Exception as e:  # noqa: BLE001  (reported in the table; the other defences still run)
             row["error"] = f"{type(e).__name__}: {e}"
         rows.append(row)

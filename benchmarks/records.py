@@ -41,12 +41,13 @@ def read_record(path: str | os.PathLike) -> dict[str, Any]:
 CSV_COLUMNS = [
     "run_id", "status", "task", "dataset", "model", "attack", "defense", "budget", "seed",
     "clean_acc_before", "asr_before", "ra_before", "clean_acc_after", "asr_after", "ra_after", "der",
-    "defense_time_s", "device", "error",
+    "defense_time_s", "forward_samples", "backward_samples", "precision", "device", "error",
 ]
 
 
 def record_row(record: dict[str, Any]) -> dict[str, Any]:
     cfg, before, after = record["config"], record.get("before") or {}, record.get("after") or {}
+    info = record.get("defense_info") or {}
     return {
         "run_id": record["run_id"], "status": record["status"], "task": cfg["task"]["task"],
         "dataset": cfg["task"]["dataset"], "model": cfg["task"]["model"],
@@ -54,8 +55,9 @@ def record_row(record: dict[str, Any]) -> dict[str, Any]:
         "budget": cfg["budget"], "seed": cfg["seed"],
         "clean_acc_before": before.get("clean_acc"), "asr_before": before.get("asr"), "ra_before": before.get("ra"),
         "clean_acc_after": after.get("clean_acc"), "asr_after": after.get("asr"), "ra_after": after.get("ra"),
-        "der": record.get("der"), "defense_time_s": (record.get("defense_info") or {}).get("wall_time_s"),
-        "device": record.get("device"), "error": record.get("error"),
+        "der": record.get("der"), "defense_time_s": info.get("wall_time_s"),
+        "forward_samples": info.get("forward_samples"), "backward_samples": info.get("backward_samples"),
+        "precision": record.get("precision"), "device": record.get("device"), "error": record.get("error"),
     }
 
 

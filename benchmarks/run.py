@@ -20,9 +20,9 @@ from common.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from common.environment import device_name, versions
 from common.fileio import check_write_path
 from common.hashing import config_hash
+from common.precision import numerics, precision_identity
 from defenses import DEFENSES, purify
 from tasks import CleanBudget, Task, create_task
-from tasks.base import numerics, precision_identity
 from training.victims import get_victim, load_attack_artifacts
 
 

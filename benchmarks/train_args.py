@@ -15,7 +15,8 @@ def add_gpu_arguments(p: argparse.ArgumentParser) -> None:
                    help="torch.compile the model in victim training, NFT and ANP (sets NFTBENCH_COMPILE=1)")
 
 
-# tasks.base.PRECISIONS and PRECISION_ENV, restated so --help imports no torch (tests/test_precision.py pins them equal)
+# common.precision.PRECISIONS and PRECISION_ENV, restated so --help imports no torch
+# (tests/test_precision.py pins them equal)
 PRECISIONS = ("auto", "fp32", "bf16")
 PRECISION_ENV = "NFTBENCH_PRECISION"
 

@@ -162,7 +162,7 @@ def awm(model: nn.Module, task: Any, clean: Any, cfg: AWMConfig, seed: int = 0) 
         info = {
             "epochs": cfg.epochs, "iterations_per_epoch": iterations, "trigger_steps": cfg.epochs * iterations,
             "mask_steps": cfg.epochs * iterations, "steps": cfg.epochs * iterations,
-            "backward_passes": 2 * cfg.epochs * iterations, "clean_samples": task.split_sizes(clean),
+            "clean_samples": task.split_sizes(clean),
             "masked_layers": len(masked), "masked_weights": flat.numel(), "mask_mean": float(flat.mean()),
             "mask_min": float(flat.min()), "mask_max": float(flat.max()), "mask_below_0.5": int((flat < 0.5).sum()),
             "mask_zero": int((flat == 0).sum()), "trigger_l1": float(delta.abs().sum()),

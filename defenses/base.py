@@ -12,10 +12,10 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from common.guards import quiet
-from tasks.base import Registry, options_for
+from tasks.base import DefenderView, Registry, options_for
 
 
 @dataclass
@@ -54,33 +54,57 @@ def no_defense(model: nn.Module, task: Any, clean: Any, cfg: NoDefenseConfig, se
 
 def purify(name: str, model: nn.Module, task: Any, clean: Any, config: dict[str, Any] | None = None,
            seed: int = 0) -> tuple[nn.Module, dict[str, Any]]:
-    """Run a registered defence; ``info`` gains the resolved config, wall time and forward-pass count. Progress:
-    a bar counting the model's forward passes (every defence runs the model; their loops differ), on stderr."""
+    """Run a registered defence on ``clean``, the defender's split of ``task``; ``info`` gains the resolved config,
+    wall time and the model's passes: forward passes and the samples they carried, and the backward passes and
+    samples that reached the model's output (a SAM step counts two, a step on masks one, like a step on weights).
+
+    The defence receives a :class:`tasks.base.DefenderView` of ``task`` (the clean split and the protocol's
+    operations), never ``task`` itself. Progress: a bar counting forward passes (every defence runs the model; their
+    loops differ), on stderr."""
     from tqdm.auto import tqdm
 
     spec = DEFENSES.get(name)
     cfg = spec.make_config(config)
-    forwards = [0, 0]
+    view = DefenderView(task, clean)
+    passes = {"forward_passes": 0, "forward_samples": 0, "backward_passes": 0, "backward_samples": 0}
     bar = tqdm(desc=f"{name}", unit=" fwd", disable=quiet(), leave=False, dynamic_ncols=True, mininterval=1.0)
 
-    def count(_module, args, _output):
-        forwards[0] += 1
-        forwards[1] += len(args[0]) if args and hasattr(args[0], "__len__") else 0
+    def count(_module, args, output):
+        n = len(args[0]) if args and hasattr(args[0], "__len__") else 0
+        passes["forward_passes"] += 1
+        passes["forward_samples"] += n
         bar.update()
+        out = first_tensor(output)
+        if out is not None and out.requires_grad:
+            out.register_hook(lambda grad: count_backward(n))
+
+    def count_backward(n: int) -> None:
+        passes["backward_passes"] += 1
+        passes["backward_samples"] += n
 
     handle = model.register_forward_hook(count)
-    if task.device.type == "cuda":
-        torch.cuda.synchronize(task.device)
+    if view.device.type == "cuda":
+        torch.cuda.synchronize(view.device)
     start = time.perf_counter()
     try:
-        model, info = spec.fn(model, task, clean, cfg, seed=seed)
+        model, info = spec.fn(model, view, view.clean, cfg, seed=seed)
     finally:
         handle.remove()
         bar.close()
-    if task.device.type == "cuda":
-        torch.cuda.synchronize(task.device)
-    info = {
-        "defense": name, "config": asdict(cfg), "wall_time_s": time.perf_counter() - start,
-        "forward_passes": forwards[0], "forward_samples": forwards[1], **info,
-    }
+    if view.device.type == "cuda":
+        torch.cuda.synchronize(view.device)
+    for module in model.modules():  # a defence that returns a copy (a deep copy keeps hooks) must not count on
+        for key in [k for k, hook in module._forward_hooks.items() if hook is count]:
+            del module._forward_hooks[key]
+    info = {"defense": name, "config": asdict(cfg), "wall_time_s": time.perf_counter() - start, **info, **passes}
     return model, info
+
+
+def first_tensor(output: Any) -> Tensor | None:
+    """The first tensor of a model's output (a tensor, or a tuple, list or dict of outputs, as detectors return)."""
+    if isinstance(output, Tensor):
+        return output
+    values = output.values() if isinstance(output, dict) else output if isinstance(output, list | tuple) else ()
+    if hasattr(output, "to_tuple"):  # transformers' ModelOutput
+        values = output.to_tuple()
+    return next((t for t in map(first_tensor, values) if t is not None), None)

@@ -193,7 +193,7 @@ def clp(model: nn.Module, task: Any, clean: Any, cfg: CLPConfig, seed: int = 0) 
             pruned += int(idx.numel())
     model.eval()
     info = {
-        "steps": 0, "backward_passes": 0, "clean_samples": 0, "u": cfg.u,
+        "steps": 0, "clean_samples": 0, "u": cfg.u,
         "layers": len(per_layer), "channels_pruned": pruned, "total_channels": total,
         "prune_ratio": pruned / max(1, total), "pruned_per_layer": per_layer, "pruned_channels": pruned_idx,
         "residual_pairs": residual, "unpaired_bns": unpaired,

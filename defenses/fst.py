@@ -68,7 +68,7 @@ def tune_epochs(model: nn.Module, task: Any, clean: Any, *, epochs: int, batch_s
     """SGD on all weights over ``epochs`` shuffled passes of ``clean`` (``task.epoch_batches``), learning rate
     ``lr_at(epoch)``, model in train mode. The loss is ``task.loss`` plus ``penalty(batch)``, called right after
     the model's forward so that hooks on it hold this batch's activations; ``after_step`` runs under no_grad
-    after each optimiser step. Returns ``{"steps", "backward_passes", "loss_trace"}``; leaves the model in eval."""
+    after each optimiser step. Returns ``{"steps", "loss_trace"}``; leaves the model in eval."""
     for p in model.parameters():
         p.requires_grad_(True)
     opt = torch.optim.SGD(model.parameters(), lr=lr_at(0), momentum=momentum, weight_decay=weight_decay,
@@ -92,7 +92,7 @@ def tune_epochs(model: nn.Module, task: Any, clean: Any, *, epochs: int, batch_s
             steps += 1
         losses.append(round(loss.item(), 4))
     model.eval()
-    return {"steps": steps, "backward_passes": steps, "loss_trace": losses}
+    return {"steps": steps, "loss_trace": losses}
 
 
 @torch.no_grad()

@@ -60,10 +60,10 @@ def finetune(model: nn.Module, task: Any, clean: Any, *, steps: int, batch_size:
              after_step: Callable[[], None] | None = None) -> dict[str, Any]:
     """SGD (momentum, weight decay, cosine to ``final_lr``) on all weights for ``steps`` batches drawn with
     replacement from ``clean``. ``after_step`` runs (under no_grad) after every optimiser step, e.g. to keep
-    pruned weights at zero. Returns ``{"steps", "backward_passes", "loss_trace"}``; leaves the model in eval."""
+    pruned weights at zero. Returns ``{"steps", "loss_trace"}``; leaves the model in eval."""
     if steps == 0:
         model.eval()
-        return {"steps": 0, "backward_passes": 0, "loss_trace": []}
+        return {"steps": 0, "loss_trace": []}
     params = list(model.parameters())
     for p in params:
         p.requires_grad_(True)
@@ -86,7 +86,7 @@ def finetune(model: nn.Module, task: Any, clean: Any, *, steps: int, batch_size:
         if step % 50 == 0 or step == steps - 1:
             losses.append(round(loss.item(), 4))
     model.eval()
-    return {"steps": steps, "backward_passes": steps, "loss_trace": losses}
+    return {"steps": steps, "loss_trace": losses}
 
 
 @register_defense("ft", FTConfig, "fine-tuning baseline (Karim et al., Augmented Neural Fine-Tuning for Efficient "

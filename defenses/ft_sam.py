@@ -129,7 +129,7 @@ def ft_sam(model: nn.Module, task: Any, clean: Any, cfg: FTSAMConfig, seed: int 
             perturbed_losses.append(round(perturbed.item(), 4))
     model.eval()
     return model, {
-        "steps": cfg.steps, "backward_passes": 2 * cfg.steps, "rho": cfg.rho, "adaptive": cfg.adaptive,
+        "steps": cfg.steps, "rho": cfg.rho, "adaptive": cfg.adaptive,
         "torch_label_smoothing": label_smoothing, "loss_trace": losses, "perturbed_loss_trace": perturbed_losses,
         "clean_samples": task.split_sizes(clean),
     }

@@ -150,7 +150,6 @@ def nad(model: nn.Module, task: Any, clean: Any, cfg: NADConfig, seed: int = 0) 
         info = tune_epochs(model, task, clean, epochs=cfg.epochs, where="nad", penalty=distil, **recipe)
     return model, {
         "steps": info["steps"] + teacher_info["steps"],
-        "backward_passes": info["backward_passes"] + teacher_info["backward_passes"],
         "student_steps": info["steps"], "teacher_steps": teacher_info["steps"], "attention_layers": names,
         "betas": list(cfg.betas), "p": cfg.p, "loss_trace": info["loss_trace"],
         "teacher_loss_trace": teacher_info["loss_trace"], "at_loss_first": float(at_trace[0]),

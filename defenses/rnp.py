@@ -164,7 +164,7 @@ def rnp(model: nn.Module, task: Any, clean: Any, cfg: RNPConfig, seed: int = 0) 
         per_layer[names[l]] = per_layer.get(names[l], 0) + 1
     info.update({
         "steps": info["unlearn_steps"] + info["recover_steps"],
-        "backward_passes": info["unlearn_steps"] + info["recover_steps"], "clean_samples": task.split_sizes(clean),
+        "clean_samples": task.split_sizes(clean),
         "prune_by": cfg.prune_by, "threshold": threshold, "neurons_pruned": len(pruned), "neurons_masked": len(order),
         "pruned_per_layer": per_layer,
         "clean_split_acc_unpruned": acc_before, "clean_split_acc": task.accuracy(model, clean),

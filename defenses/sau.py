@@ -199,7 +199,7 @@ def sau(model: nn.Module, task: Any, clean: Any, cfg: SAUConfig, seed: int = 0) 
                           round(shared_count / max(seen, 1), 4)])
     model.eval()
     return model, {
-        "epochs": cfg.epochs, "steps": steps, "pgd_steps": pgd_steps, "backward_passes": steps + pgd_steps,
+        "epochs": cfg.epochs, "steps": steps, "pgd_steps": pgd_steps,
         "clean_samples": task.split_sizes(clean), "delta_linf": delta_linf,
         "shared_fraction": shared_count / max(seen, 1),  # last epoch: shared adversarial examples before the step
         "potential_poison_fraction": potential_count / max(seen, 1),

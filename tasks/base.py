@@ -8,10 +8,9 @@ This mirrors lm-evaluation-harness's task adapters and timm's ``create_model`` r
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
-import functools
 import math
-import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, fields
@@ -329,86 +328,74 @@ class Task(ABC):
     def evaluate(self, model: nn.Module, attack: Any) -> dict[str, float]:
         """``{"clean_acc", "asr", "ra"}`` on the test split, each in [0, 1]."""
 
+    # --- what a defence gets -----------------------------------------------------------------
+    defender_state: ClassVar[tuple[str, ...]] = ()  # non-plain attributes the protocol's operations need
+
+    def defender_ops(self) -> Task:
+        """A copy of this task that runs the protocol's operations and holds nothing else: its plain settings
+        (numbers, strings, flags, the device, containers of those) and the attributes named in ``defender_state``.
+        No dataset, split, index tensor or path survives, so neither does a way to the test or attacker data."""
+        ops = object.__new__(type(self))
+        ops.__dict__.update({k: v for k, v in vars(self).items() if k in self.defender_state or _plain(v)})
+        return ops
+
 
 TASKS: Registry[type[Task]] = Registry("task")
 
 
-PRECISIONS = ("auto", "fp32", "bf16")
-PRECISION_ENV = "NFTBENCH_PRECISION"
+def _plain(value: Any) -> bool:
+    if value is None or isinstance(value, bool | int | float | str | torch.device | torch.dtype):
+        return True
+    if isinstance(value, list | tuple | frozenset):
+        return all(_plain(v) for v in value)
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _plain(v) for k, v in value.items())
+    return False
 
 
-def set_precision(precision: str) -> None:
-    """Set the suite-wide autocast precision (``auto``, ``fp32`` or ``bf16``) that :func:`autocast` obeys.
+class DefenderView:
+    """What a defence sees (the protocol's guarantee, by construction): the defender's clean split ``clean``,
+    materialised to its budget (tensors that own their storage, no trigger, nothing poisoned), and the operations of
+    :class:`Task` a defence may use, run by :meth:`Task.defender_ops`'s stripped copy of the task.
 
-    Stored in ``$NFTBENCH_PRECISION``, so worker processes a sweep spawns (and a local Ray instance) inherit it."""
-    os.environ[PRECISION_ENV] = _check_precision(precision)
-
-
-def get_precision() -> str:
-    """The precision setting: the last :func:`set_precision`, else ``$NFTBENCH_PRECISION``, else ``auto``."""
-    return _check_precision(os.environ.get(PRECISION_ENV, "auto"), f"${PRECISION_ENV}")
-
-
-def precision_identity() -> dict[str, str]:
-    """The precision part of every cache key and id (victims, runs, clean models' triggers, surrogates): nothing
-    under ``auto``, ``{"precision": "fp32" | "bf16"}`` for a precision set explicitly.
-
-    Why not always: ids are hashes of configs, and every committed victim, record and ``--reuse`` match was made
-    before the setting existed, under ``auto`` (bf16 on GPUs and on CPUs with AMX / AVX512-BF16, fp32 elsewhere).
-    Under ``auto`` the ids stay those ids; the precision a victim or run actually used is recorded beside them
-    (``precision`` in victim.json and run records). An explicit precision gets ids of its own, even where it equals
-    what ``auto`` picks on that machine: the id says what was asked for, not what the machine happened to have.
-    The torch thread count is recorded (``torch_threads``), never hashed: like precision it moves a victim's numbers
-    as far as another seed does (README Development), but it is a resource knob, not a choice of arithmetic; a
-    hashed one would split the cache by machine and by sweep worker count, and mean nothing on a GPU.
+    It holds no reference to the task, its other splits, its cache paths or the victim's files, so a defence cannot
+    reach test data or the attacker's training set through it, not even by introspection (``view._ops`` is the
+    stripped copy). :func:`defenses.purify` builds one for every defence it runs.
     """
-    setting = get_precision()
-    return {} if setting == "auto" else {"precision": setting}
+
+    __slots__ = ("clean", "_ops")
+    OPERATIONS = ("split_sizes", "sample_batch", "epoch_batches", "iter_batches", "loss", "mixup_loss", "cutmix_loss",
+                  "accuracy", "perturbable_input", "with_input", "samples_per_class", "feature_layer",
+                  "attention_layers")
+    SETTINGS = ("name", "num_classes", "device", "mask_target", "has_classes", "amp")
+
+    def __init__(self, task: Task, clean: Any):
+        if isinstance(task, DefenderView):
+            task = task._ops
+        self.clean = _materialised(clean)
+        self._ops = task.defender_ops()
+
+    def __getattr__(self, name: str) -> Any:
+        if name in self.OPERATIONS or name in self.SETTINGS:
+            return getattr(self._ops, name)
+        raise AttributeError(f"a defence sees only its clean split and the protocol's operations "
+                             f"({', '.join(self.OPERATIONS)}; {', '.join(self.SETTINGS)}), not {name!r}")
 
 
-def _check_precision(precision: str, what: str = "precision") -> str:
-    if precision not in PRECISIONS:
-        raise ValueError(f"{what} must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    return precision
-
-
-def precision_in_effect(device: torch.device, enabled: bool = True) -> str:
-    """``bf16`` or ``fp32``: what :func:`autocast` computes in on ``device`` under the current setting.
-
-    ``auto`` (the default, and the behaviour results were produced with) is bf16 on CUDA and on CPUs with native
-    bf16 (AVX512-BF16 or AMX), fp32 elsewhere; ``bf16`` forces it (emulated, slower, on other CPUs); ``fp32`` turns
-    it off. ``enabled=False`` (a task built with ``amp=False``) is always fp32."""
-    setting = get_precision()
-    if not enabled or setting == "fp32":
-        return "fp32"
-    if setting == "bf16":
-        if device.type not in ("cuda", "cpu"):
-            raise ValueError(f"bf16 autocast runs on cuda and cpu, not {device.type}; use precision fp32 or auto")
-        return "bf16"
-    return "bf16" if device.type == "cuda" or (device.type == "cpu" and cpu_has_bf16()) else "fp32"
-
-
-def numerics(task: Any) -> dict[str, Any]:
-    """How a victim or run computes: the precision in effect on its task's device and torch's CPU thread count."""
-    return {"precision": precision_in_effect(task.device, task.amp), "torch_threads": torch.get_num_threads()}
-
-
-def autocast(device: torch.device, enabled: bool = True):
-    """bf16 autocast where :func:`precision_in_effect` says bf16; a no-op elsewhere."""
-    if precision_in_effect(device, enabled) == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return torch.autocast(device.type, enabled=False)
-
-
-@functools.cache
-def cpu_has_bf16() -> bool:
-    """True when the CPU has native bf16 arithmetic (AVX512-BF16 or AMX); emulated bf16 is slower."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+def _materialised(split: Any) -> Any:
+    """``split`` with every tensor copied out of any larger storage it views (a subset of the training set's memory
+    map, say); refuses a split that carries a trigger or poisoned rows."""
+    if isinstance(split, Tensor):
+        whole = split.untyped_storage().nbytes() == split.numel() * split.element_size()
+        return split if whole and split.storage_offset() == 0 else split.clone()
+    if dataclasses.is_dataclass(split) and not isinstance(split, type):
+        if getattr(split, "trigger", None) is not None or (
+                isinstance(getattr(split, "poisoned", None), Tensor) and bool(split.poisoned.any())):
+            raise ValueError("the defender's clean split carries poisoned samples or a trigger; a task's clean_split "
+                             "must return clean data only")
+        return dataclasses.replace(split, **{f.name: _materialised(getattr(split, f.name))
+                                             for f in dataclasses.fields(split) if f.init})
+    return split
 
 
 def resolve_device(spec: str = "auto") -> torch.device:

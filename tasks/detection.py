@@ -36,7 +36,8 @@ from torch import Tensor, nn
 from torchvision.ops import box_iou
 
 from common.checkpoint import load_checkpoint
-from tasks.base import TASKS, Batch, CleanBudget, Task, autocast, beta_sample, resolve_device, select_clean
+from common.precision import autocast
+from tasks.base import TASKS, Batch, CleanBudget, Task, beta_sample, resolve_device, select_clean
 from tasks.detection_data import BoxSet, DetectionDataset, load_detection_dataset, xywh_to_xyxy
 
 if TYPE_CHECKING:

@@ -17,13 +17,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from common.precision import autocast
 from tasks.base import (
     TASKS,
     Batch,
     CleanBudget,
     Task,
     TensorBatches,
-    autocast,
     beta_sample,
     resolve_device,
     select_clean,

@@ -48,15 +48,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from common.precision import autocast, precision_identity
 from tasks.base import (
     TASKS,
     Batch,
     CleanBudget,
     Task,
     TensorBatches,
-    autocast,
     beta_sample,
-    precision_identity,
     resolve_device,
     select_clean,
     select_poison_indices,

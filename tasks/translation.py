@@ -43,17 +43,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from tasks.base import (
-    TASKS,
-    Batch,
-    CleanBudget,
-    Task,
-    autocast,
-    beta_sample,
-    resolve_device,
-    select_clean,
-    stratified_split,
-)
+from common.precision import autocast
+from tasks.base import TASKS, Batch, CleanBudget, Task, beta_sample, resolve_device, select_clean, stratified_split
 from tasks.translation_data import (
     SPECIALS,
     ParallelSet,

@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from common.precision import autocast
 from tasks.base import (
     TASKS,
     Batch,
@@ -47,7 +48,6 @@ from tasks.base import (
     Registry,
     Task,
     TensorBatches,
-    autocast,
     beta_sample,
     resolve_device,
     select_clean,

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tasks.base import PRECISION_ENV, cpu_has_bf16, set_precision
+from common.precision import PRECISION_ENV, cpu_has_bf16, set_precision
 
 os.environ.setdefault("NFTBENCH_QUIET", "1")
 # Tests mean the same on every CPU: fp32 (bf16 autocast would turn on by itself on CPUs with AMX / AVX512-BF16 and
@@ -99,22 +99,3 @@ def badnets_victim(trained_badnets_victim):
     own copy of the model, so a defence that edits it in place cannot leak into another test."""
     attack, model, meta, d = trained_badnets_victim
     return attack, copy.deepcopy(model), meta, d
-
-
-class NoTestDataTask:
-    """A task proxy that fails the test if a defence reaches for test data or the evaluator."""
-
-    FORBIDDEN = ("test", "evaluate", "data")
-
-    def __init__(self, task):
-        object.__setattr__(self, "_task", task)
-
-    def __getattr__(self, name):
-        if name in self.FORBIDDEN:
-            raise AssertionError(f"a defence accessed task.{name}: defences may only use their clean split")
-        return getattr(self._task, name)
-
-
-@pytest.fixture
-def guarded(digits_task):
-    return NoTestDataTask(digits_task)

@@ -103,7 +103,7 @@ def test_fast_recipe_trains_and_keeps_its_frozen_parts(fast_task, fast_victim):
     assert fast_task.evaluate(fast_victim, None)["clean_acc"] > 0.9
 
 
-def test_nft_masks_the_six_bns_and_folds_back(fast_task, fast_victim, guarded):
+def test_nft_masks_the_six_bns_and_folds_back(fast_task, fast_victim):
     masks = NeuronMasks(copy.deepcopy(fast_victim))
     assert [layer.name for layer in masks.layers] == [f"net.block{b}.bn{i}" for b in (1, 2, 3) for i in (1, 2)]
     assert masks.num_neurons() == 2 * (64 + 256 + 256)
@@ -111,7 +111,7 @@ def test_nft_masks_the_six_bns_and_folds_back(fast_task, fast_victim, guarded):
     assert [round(f, 3) for f in floors] == [0.485, 0.294, 0.179, 0.108, 0.066, 0.04]
     clean = fast_task.clean_split(CleanBudget(0.05), seed=0)
     model = copy.deepcopy(fast_victim)
-    out, info = purify("nft", model, guarded, clean, {"steps": 20, "batch_size": 64}, seed=0)
+    out, info = purify("nft", model, fast_task, clean, {"steps": 20, "batch_size": 64}, seed=0)
     assert info["mask_layers"] == 6 and info["mask_neurons"] == 1152
     bns = [m for m in out.modules() if isinstance(m, torch.nn.BatchNorm2d)]
     assert not any(torch.nn.utils.parametrize.is_parametrized(m) for m in bns)
@@ -127,9 +127,9 @@ def test_nft_masks_the_six_bns_and_folds_back(fast_task, fast_victim, guarded):
     ("clp", {}),
     ("anp", {"iterations": 4, "batch_size": 64}),
 ])
-def test_baselines_apply_to_airbench(fast_task, fast_victim, guarded, defense, params):
+def test_baselines_apply_to_airbench(fast_task, fast_victim, defense, params):
     clean = fast_task.clean_split(CleanBudget(0.05), seed=0)
-    out, info = purify(defense, copy.deepcopy(fast_victim), guarded, clean, params, seed=0)
+    out, info = purify(defense, copy.deepcopy(fast_victim), fast_task, clean, params, seed=0)
     x = next(iter(fast_task.iter_batches(clean, 32))).inputs
     assert torch.isfinite(out(x)).all()
     if defense == "fine-pruning":

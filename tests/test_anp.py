@@ -1,4 +1,4 @@
-"""ANP (defenses/anp.py) on the digits BadNets victim, through the guarded task (no test data)."""
+"""ANP (defenses/anp.py) on the digits BadNets victim, through ``purify`` (a defender's view: no test data)."""
 
 import copy
 
@@ -35,9 +35,9 @@ def newly_zeroed(before, after):
     return zeroed
 
 
-def test_anp_prunes_and_keeps_the_architecture(badnets_victim, guarded, clean):
+def test_anp_prunes_and_keeps_the_architecture(badnets_victim, digits_task, clean):
     _, model, _, _ = badnets_victim
-    out, info = purify("anp", copy.deepcopy(model), guarded, clean, {"iterations": 100}, seed=0)
+    out, info = purify("anp", copy.deepcopy(model), digits_task, clean, {"iterations": 100}, seed=0)
     assert type(out) is type(model) and not out.training
     assert not any("parametrizations" in k for k in out.state_dict())
     assert info["neurons_pruned"] >= 1 and info["threshold"] == 0.2  # measured 8-14 pruned
@@ -91,18 +91,18 @@ def test_the_ascent_step_raises_the_loss(digits_task, badnets_victim, clean):
 
 
 @pytest.mark.parametrize("rule,value", [("number", 7), ("fraction", 0.05)])
-def test_pruning_by_number_prunes_exactly_that_many(badnets_victim, guarded, clean, rule, value):
+def test_pruning_by_number_prunes_exactly_that_many(badnets_victim, digits_task, clean, rule, value):
     _, model, _, _ = badnets_victim
     cfg = {"iterations": 10, "prune_by": rule, "prune_value": value}
-    out, info = purify("anp", copy.deepcopy(model), guarded, clean, cfg, seed=0)
+    out, info = purify("anp", copy.deepcopy(model), digits_task, clean, cfg, seed=0)
     expected = 7 if rule == "number" else round(0.05 * info["neurons_masked"])
     assert info["neurons_pruned"] == expected == newly_zeroed(model, out)
 
 
-def test_clean_accuracy_rule_uses_only_the_clean_split(badnets_victim, guarded, clean):
+def test_clean_accuracy_rule_uses_only_the_clean_split(badnets_victim, digits_task, clean):
     _, model, _, _ = badnets_victim
     cfg = {"iterations": 10, "prune_by": "clean_acc", "acc_tolerance": 0.02}
-    out, info = purify("anp", copy.deepcopy(model), guarded, clean, cfg, seed=0)
+    out, info = purify("anp", copy.deepcopy(model), digits_task, clean, cfg, seed=0)
     assert info["threshold_search"] and info["clean_split_acc"] >= info["clean_split_acc_unpruned"] - 0.02
     assert newly_zeroed(model, out) == info["neurons_pruned"]
 

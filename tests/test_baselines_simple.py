@@ -1,4 +1,4 @@
-"""FT, Fine-Pruning and CLP on the digits BadNets victim, through ``purify`` on the guarded task."""
+"""FT, Fine-Pruning and CLP on the digits BadNets victim, through ``purify`` (a defender's view: no test data)."""
 
 import copy
 
@@ -23,9 +23,9 @@ def same_architecture(a: nn.Module, b: nn.Module) -> bool:
     return type(a) is type(b) and sa.keys() == sb.keys() and all(sa[k].shape == sb[k].shape for k in sa)
 
 
-def test_ft_changes_weights_and_keeps_clean_accuracy(digits_task, badnets_victim, guarded, clean):
+def test_ft_changes_weights_and_keeps_clean_accuracy(digits_task, badnets_victim, clean):
     _, model, _, _ = badnets_victim
-    out, info = purify("ft", copy.deepcopy(model), guarded, clean, {"steps": 40, "batch_size": 64}, seed=0)
+    out, info = purify("ft", copy.deepcopy(model), digits_task, clean, {"steps": 40, "batch_size": 64}, seed=0)
     assert same_architecture(out, model)
     assert info["steps"] == info["backward_passes"] == 40 and info["config"]["lr"] == 0.01
     changed = [k for k, v in model.state_dict().items() if v.is_floating_point()
@@ -34,9 +34,9 @@ def test_ft_changes_weights_and_keeps_clean_accuracy(digits_task, badnets_victim
     assert digits_task.accuracy(out, clean) > 0.8  # measured 1.0 (seeds 0-2 fp32, seed 0 bf16 and 2 threads)
 
 
-def test_fine_pruning_prunes_persistently(digits_task, badnets_victim, guarded, clean, tmp_path):
+def test_fine_pruning_prunes_persistently(digits_task, badnets_victim, clean, tmp_path):
     _, model, _, _ = badnets_victim
-    out, info = purify("fine-pruning", copy.deepcopy(model), guarded, clean, {"steps": 20, "batch_size": 64})
+    out, info = purify("fine-pruning", copy.deepcopy(model), digits_task, clean, {"steps": 20, "batch_size": 64})
     assert same_architecture(out, model)
     assert info["feature_layer"] == "net.block3" and info["head"] == "net.linear"
     assert 1 <= info["channels_pruned"] < info["total_channels"] == out.net.linear.in_features
@@ -67,6 +67,9 @@ class NoDataTask:
 
     def __init__(self, device):
         self.device = device
+
+    def defender_ops(self):  # what purify builds the defence's view from
+        return self
 
     def __getattr__(self, name):
         raise AssertionError(f"a data-free defence called task.{name}")

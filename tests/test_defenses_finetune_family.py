@@ -78,9 +78,9 @@ def test_sam_step_is_the_hand_computed_sam_step_not_sgd(adaptive):
     assert int(bn.num_batches_tracked) == 1
 
 
-def test_ft_sam_runs_two_passes_per_step(digits_task, badnets_victim, guarded, clean):
+def test_ft_sam_runs_two_passes_per_step(digits_task, badnets_victim, clean):
     _, model, _, _ = badnets_victim
-    out, info = purify("ft-sam", copy.deepcopy(model), guarded, clean, {"steps": 6, "batch_size": 32}, seed=0)
+    out, info = purify("ft-sam", copy.deepcopy(model), digits_task, clean, {"steps": 6, "batch_size": 32}, seed=0)
     assert same_architecture(out, model) and not out.training
     assert info["steps"] == 6 and info["backward_passes"] == info["forward_passes"] == 12
     assert info["rho"] == 2.0 and info["adaptive"] and info["torch_label_smoothing"] == pytest.approx(0.1 * 10 / 9)
@@ -91,11 +91,11 @@ def test_ft_sam_runs_two_passes_per_step(digits_task, badnets_victim, guarded, c
 # --- FST -------------------------------------------------------------------------------------------------------
 
 
-def test_fst_reinitialises_the_head_and_keeps_its_norm(digits_task, badnets_victim, guarded, clean):
+def test_fst_reinitialises_the_head_and_keeps_its_norm(digits_task, badnets_victim, clean):
     _, model, _, _ = badnets_victim
     opts = {"epochs": 3, "batch_size": 32}
-    out, info = purify("fst", copy.deepcopy(model), guarded, clean, opts, seed=0)
-    _, no_shift = purify("fst", copy.deepcopy(model), guarded, clean, {**opts, "alpha": 0.0}, seed=0)
+    out, info = purify("fst", copy.deepcopy(model), digits_task, clean, opts, seed=0)
+    _, no_shift = purify("fst", copy.deepcopy(model), digits_task, clean, {**opts, "alpha": 0.0}, seed=0)
     assert same_architecture(out, model) and not out.training
     per_epoch = len(list(digits_task.epoch_batches(clean, 32, torch.Generator())))
     assert info["steps"] == info["backward_passes"] == 3 * per_epoch
@@ -173,10 +173,10 @@ def test_default_attention_layers_are_the_last_stages():
     assert names(POINTCLOUD_MODELS.get("pointnet-small")(10)) == ["mlp2.0", "mlp2.1", "mlp2.2"]
 
 
-def test_nad_trains_a_teacher_then_distils(digits_task, badnets_victim, guarded, clean):
+def test_nad_trains_a_teacher_then_distils(digits_task, badnets_victim, clean):
     _, model, _, _ = badnets_victim
     opts = {"epochs": 2, "teacher_epochs": 2, "batch_size": 32}
-    out, info = purify("nad", copy.deepcopy(model), guarded, clean, opts, seed=0)
+    out, info = purify("nad", copy.deepcopy(model), digits_task, clean, opts, seed=0)
     assert same_architecture(out, model) and not out.training
     per_epoch = len(list(digits_task.epoch_batches(clean, 32, torch.Generator())))
     assert info["teacher_steps"] == info["student_steps"] == 2 * per_epoch
@@ -185,11 +185,11 @@ def test_nad_trains_a_teacher_then_distils(digits_task, badnets_victim, guarded,
     assert info["at_loss_first"] > 0  # the fine-tuned teacher differs from the suspect model
     assert any(k.endswith("conv.weight") for k in changed(model, out))
     with pytest.raises(ValueError, match="attention layers"):
-        purify("nad", copy.deepcopy(model), guarded, clean, {**opts, "betas": [1.0] * 5})
+        purify("nad", copy.deepcopy(model), digits_task, clean, {**opts, "betas": [1.0] * 5})
 
 
 @pytest.mark.parametrize("name, bad", [("ft-sam", {"rho": 0.0}), ("fst", {"alpha": -1.0}), ("nad", {"betas": []}),
                                        ("nad", {"nesterov": True, "momentum": 0.0})])
-def test_bad_options_are_refused(name, bad, badnets_victim, guarded, clean):
+def test_bad_options_are_refused(name, bad, badnets_victim, digits_task, clean):
     with pytest.raises(ValueError, match=name):
-        purify(name, badnets_victim[1], guarded, clean, bad)
+        purify(name, badnets_victim[1], digits_task, clean, bad)

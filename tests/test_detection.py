@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import SHARED_DATA, NoTestDataTask
+from conftest import SHARED_DATA
 
 pytest.importorskip("ultralytics")
 
@@ -222,7 +222,7 @@ def test_yolo_victim_learns_the_trigger_and_the_objects(det_victim):
 def test_nft_and_baselines_run_through_the_detection_task(det_task, det_victim, name, tmp_path):
     attack, model, meta = det_victim
     clean = det_task.clean_split(CleanBudget(0.05), seed=0)
-    out, info = purify(name, copy.deepcopy(model), NoTestDataTask(det_task), clean, QUICK[name], seed=0)
+    out, info = purify(name, copy.deepcopy(model), det_task, clean, QUICK[name], seed=0)
     assert type(out) is type(model) and out.state_dict().keys() == model.state_dict().keys()
     assert not any("parametrizations" in k for k in out.state_dict())
     if name == "fine-pruning":

@@ -117,10 +117,10 @@ def test_universal_perturbation_increases_the_clean_loss(digits_task, badnets_vi
     assert float(projected.norm()) <= 1.0 + 1e-5 and float(delta.norm()) > 1.0
 
 
-def test_ibau_purifies_through_the_protocol(digits_task, badnets_victim, guarded, clean):
+def test_ibau_purifies_through_the_protocol(digits_task, badnets_victim, clean):
     _, victim, _, _ = badnets_victim
     model = copy.deepcopy(victim)
-    out, info = purify("i-bau", model, guarded, clean, {"rounds": 2, "batch_size": 32}, seed=0)
+    out, info = purify("i-bau", model, digits_task, clean, {"rounds": 2, "batch_size": 32}, seed=0)
     assert type(out) is type(victim) and not out.training
     ref, new = victim.state_dict(), out.state_dict()
     assert {k: v.shape for k, v in ref.items()} == {k: v.shape for k, v in new.items()}

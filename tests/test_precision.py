@@ -12,8 +12,8 @@ from attacks import create_attack
 from benchmarks.cli import build_parser, main
 from benchmarks.run import run_config
 from common.hashing import config_hash
+from common.precision import PRECISION_ENV, autocast, cpu_has_bf16, get_precision, precision_in_effect, set_precision
 from tasks import CleanBudget
-from tasks.base import PRECISION_ENV, autocast, cpu_has_bf16, get_precision, precision_in_effect, set_precision
 from training.victims import get_victim, victim_config, victim_dir
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -102,9 +102,9 @@ def test_a_short_victim_trains_and_records_under_bf16(digits_task, tmp_path):
     assert m["clean_acc"] >= 0.75 and m["asr"] >= 0.75, m  # measured (seeds 0-2, 1-2 threads): 0.896-0.937, 0.887-1.0
 
 
-def test_cli_precision_choices_are_the_tasks():
-    """The CLI restates the precision names (so --help imports no torch); they must stay the tasks'."""
+def test_cli_precision_choices_are_the_suites():
+    """The CLI restates the precision names (so --help imports no torch); they must stay the suite's."""
     from benchmarks import train_args
-    from tasks import base
+    from common import precision
 
-    assert train_args.PRECISIONS == base.PRECISIONS and train_args.PRECISION_ENV == base.PRECISION_ENV
+    assert train_args.PRECISIONS == precision.PRECISIONS and train_args.PRECISION_ENV == precision.PRECISION_ENV

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import NoTestDataTask
 from torch import nn
 
 import tasks.video as tv
@@ -259,9 +258,8 @@ QUICK = {"nft": {"steps": 10, "batch_size": 16}, "ft": {"steps": 5, "batch_size"
 def test_nft_and_every_baseline_run_through_the_video_task(video_task, video_victim):
     attack, model, _ = video_victim
     clean = video_task.clean_split(CleanBudget(0.05), seed=0)
-    guarded = NoTestDataTask(video_task)
     for name in DEFENSES.names():
-        out, info = purify(name, copy.deepcopy(model), guarded, clean, QUICK.get(name, {}), seed=0)
+        out, info = purify(name, copy.deepcopy(model), video_task, clean, QUICK.get(name, {}), seed=0)
         assert type(out) is type(model) and out.state_dict().keys() == model.state_dict().keys(), name
         if name == "fine-pruning":
             assert info["feature_layer"] == "net.layer3" and info["total_channels"] == 128
@@ -269,7 +267,7 @@ def test_nft_and_every_baseline_run_through_the_video_task(video_task, video_vic
             assert info["mask_layers"] == 3  # every BatchNorm3d but the stem's
         metrics = video_task.evaluate(out, attack)
         assert set(metrics) == {"clean_acc", "asr", "ra"} and 0 <= metrics["asr"] <= 1
-    _, info = purify("nft", copy.deepcopy(model), guarded, clean, {**QUICK["nft"], "mix": "cutmix"}, seed=0)
+    _, info = purify("nft", copy.deepcopy(model), video_task, clean, {**QUICK["nft"], "mix": "cutmix"}, seed=0)
     assert info["defense"] == "nft"  # NFT with VideoMix, the task's CutMix
 
 
@@ -371,16 +369,15 @@ def test_a_task_defined_outside_the_suite_runs_every_defence(tmp_path):
         model, meta, _ = get_victim(task, None, 0, tmp_path)
         assert meta["metrics"]["clean_acc"] > 0.9
         clean = task.clean_split(CleanBudget(None, per_class=10), seed=0)
-        guarded = NoTestDataTask(task)
         quick = {**QUICK, "i-bau": {"rounds": 1, "batch_size": 20}, "awm-linear": {**QUICK["awm"], "mask_linear": True}}
         for name in DEFENSES.names():
             if name in NOT_FOR_VECTORS:
                 with pytest.raises(ValueError, match=NOT_FOR_VECTORS[name]):
-                    purify(name, copy.deepcopy(model), guarded, clean, quick.get(name, {}), seed=0)
+                    purify(name, copy.deepcopy(model), task, clean, quick.get(name, {}), seed=0)
                 continue
-            out, info = purify(name, copy.deepcopy(model), guarded, clean, quick.get(name, {}), seed=0)
+            out, info = purify(name, copy.deepcopy(model), task, clean, quick.get(name, {}), seed=0)
             assert type(out) is type(model) and out.state_dict().keys() == model.state_dict().keys(), name
             assert 0 <= task.evaluate(out, None)["clean_acc"] <= 1, name
-        purify("awm", copy.deepcopy(model), guarded, clean, quick["awm-linear"], seed=0)
+        purify("awm", copy.deepcopy(model), task, clean, quick["awm-linear"], seed=0)
     finally:
         TASKS._items.pop("test-tabular")

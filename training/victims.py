@@ -17,7 +17,8 @@ from common.checkpoint import load_checkpoint, load_state, save_checkpoint, save
 from common.environment import device_name, versions
 from common.fileio import dir_lock
 from common.hashing import config_hash
-from tasks.base import Task, numerics, precision_identity
+from common.precision import numerics, precision_identity
+from tasks.base import Task
 from training.loop import steps_per_epoch, train_model
 
 if TYPE_CHECKING:
