@@ -128,7 +128,7 @@ def records_frame(records: Sequence[dict[str, Any]]) -> tuple[pd.DataFrame, list
     # where absolute CPU times mean little
     df["nft_reference"] = _nft_references(df)
     nft = df[(df["defense_name"] == "nft") & (df["status"] == "ok")]
-    nft_time = nft.groupby(VICTIM_KEYS + ["defense"], dropna=False)["defense_time_s"].mean()
+    nft_time = nft.groupby(VICTIM_KEYS + ["defense"], dropna=False)["defense_time_s"].median()
     nft_time.index = nft_time.index.set_names("nft_reference", level="defense")
     df = df.join(nft_time.rename("nft_time_s"), on=VICTIM_KEYS + ["nft_reference"])
     df["time_vs_nft"] = df["defense_time_s"] / df["nft_time_s"]

@@ -130,6 +130,31 @@ def test_a_model_from_your_own_file(byo, tmp_path):
     assert record["config"]["task"]["model"].endswith("my_model.py:make") and record["status"] == "ok"
 
 
+def test_a_timm_model_with_its_own_normalisation(byo, tmp_path):
+    """``timm:NAME`` (the optional ``timm`` extra): the model's pretrained_cfg normalisation is taken without
+    --normalize, NFT folds into its BatchNorms, and the purified weights load back into timm's own class."""
+    timm = pytest.importorskip("timm")
+    root, _ = byo
+    torch.manual_seed(0)
+    net = timm.create_model("resnet18", pretrained=False, num_classes=3)
+    save_file(net.state_dict(), str(tmp_path / "suspect.safetensors"))
+    argv = purify_args(root, "--out", str(tmp_path / "o"), "--runs-dir", str(tmp_path / "r"),
+                       "--results", str(tmp_path / "r" / "results.csv"))
+    argv = [{"torchvision:resnet18": "timm:resnet18", str(root / "suspect.safetensors"):
+             str(tmp_path / "suspect.safetensors")}.get(a, a) for a in argv]
+    main(argv)
+    record = json.loads((tmp_path / "o" / "record.json").read_text())
+    assert record["status"] == "ok" and record["config"]["task"]["model"] == "timm:resnet18"
+    assert record["config"]["task"]["normalize"] == [list(net.pretrained_cfg["mean"]), list(net.pretrained_cfg["std"])]
+    state = load_file(str(tmp_path / "o" / "model.safetensors"))
+    reloaded = timm.create_model("resnet18", pretrained=False, num_classes=3)
+    reloaded.load_state_dict(state)
+    bns = [f"{n}.weight" for n, m in net.named_modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    # timm zero-initialises each block's last BN, so at random weights only the shortcut BNs' masks get gradients
+    changed = [k for k in bns if not torch.equal(state[k], net.state_dict()[k])]
+    assert changed and record["defense_info"]["mask_layers"] == len(bns) - 1 == 19  # every BN but the stem's
+
+
 def test_imagefolder_dataset_trains_victims_on_your_own_folders(tmp_path):
     from tasks import create_task
 
