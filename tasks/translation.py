@@ -139,6 +139,7 @@ class TranslationTask(Task):
     mask_target = "transformer"
     has_classes = False
     eval_batch_size = 128
+    defender_state = ("model_config",)  # the model's shape (d_model: perturbable_input); no data in it
 
     def __init__(
         self, dataset: str = "procedural", model: str | None = None, scale: str = "quick",

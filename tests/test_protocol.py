@@ -154,5 +154,7 @@ def test_a_defence_sees_its_clean_split_and_nothing_else(task_name, kwargs, tmp_
     strings = [v for o in objects if not isinstance(o, nn.Module) for v in getattr(o, "__dict__", {}).values()
                if isinstance(v, str)]
     assert not [v for v in strings if str(tmp_path) in v]
+    model = task.build_model()
     batch = next(iter(view.iter_batches(view.clean, 4)))
-    assert torch.isfinite(view.loss(task.build_model(), batch))
+    assert torch.isfinite(view.loss(model, batch)) and 0 <= view.accuracy(model, view.clean) <= 1
+    assert view.with_input(batch, view.perturbable_input(batch)) is not None

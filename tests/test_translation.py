@@ -8,7 +8,7 @@ import json
 
 import pytest
 import torch
-from conftest import SHARED_DATA, NoTestDataTask
+from conftest import SHARED_DATA
 
 import tasks.translation as tr
 from attacks import ATTACKS, create_attack
@@ -283,7 +283,7 @@ def test_nft_and_baselines_run_through_the_task_and_write_records(tr_task, tr_vi
     attack, model, meta = tr_victim
     clean = tr_task.clean_split(CleanBudget(0.05), seed=0)
     assert len(clean) == 200 and tr_task.samples_per_class(clean) == 200
-    out, info = purify(name, copy.deepcopy(model), NoTestDataTask(tr_task), clean, QUICK[name], seed=0)
+    out, info = purify(name, copy.deepcopy(model), tr_task, clean, QUICK[name], seed=0)
     assert type(out) is type(model) and out.state_dict().keys() == model.state_dict().keys()
     assert not any("parametrizations" in k for k in out.state_dict())
     if name == "nft":
