@@ -182,7 +182,7 @@ def print_record(record: dict[str, Any], where: Path) -> None:
 
 def grid_with_seed(config: str, seed: int | None) -> dict[str, Any]:
     """The sweep grid of ``config``, validated; ``--seed N`` replaces its ``seeds:`` list by ``[N]``."""
-    from benchmarks.sweep import load_sweep
+    from benchmarks.grid import load_sweep
 
     grid = load_sweep(config)  # the whole grid is validated here, before any work
     if seed is not None:

@@ -151,7 +151,7 @@ def time_defenses(task: Task, model: torch.nn.Module, clean: Any, runs: list[tup
 def sweep_variants(config: str) -> list[tuple[str, dict[str, Any]]]:
     """The ``defenses:`` entries of a sweep config (``nft-ablations`` or a YAML path), ``none`` left out, as
     (name, options); labels follow the sweep's (``nft[mixup=False]``)."""
-    from benchmarks.sweep import load_sweep, named_entry
+    from benchmarks.grid import load_sweep, named_entry
 
     entries = [named_entry(e, "defence", "defenses", []) for e in load_sweep(config).get("defenses") or []]
     out = [(name, params) for name, params in filter(None, entries) if name != "none"]

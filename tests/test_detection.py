@@ -250,7 +250,7 @@ def test_ssd_builds_trains_a_step_and_predicts(det_runs):
 
 
 def test_presets_load():
-    from benchmarks.sweep import expand, load_sweep
+    from benchmarks.grid import expand, load_sweep
 
     for name in ("detection-quick", "detection-voc"):
         grid = load_sweep(name)

@@ -61,8 +61,8 @@ def test_max_steps_caps_the_victim_under_an_id_of_its_own(digits_task, tmp_path)
 
 
 def test_dry_run_counts_clean_models_surrogates_and_trigger_networks():
+    from benchmarks.plan import COST_TABLE, Cell, Plan, estimate
     from benchmarks.run import RunConfig
-    from benchmarks.sweep import COST_TABLE, Cell, Plan, estimate
 
     def cells(dataset, attacks, seeds=(0,), task="image"):
         return [Cell(RunConfig(task=task, dataset=dataset, scale="paper", attack=a, seed=s), f"{a}{s}", {})

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from benchmarks.sweep import expand, load_sweep
+from benchmarks.grid import expand, load_sweep
 from defenses import purify
 from tasks import CleanBudget, create_task
 from tasks.image_data import CIFAR10_CLASSES

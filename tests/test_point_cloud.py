@@ -326,7 +326,7 @@ def test_defend_writes_a_record(pc_task, pc_victim, tmp_path):
 
 def test_preset_and_cli_list(capsys):
     from benchmarks.cli import main
-    from benchmarks.sweep import load_sweep
+    from benchmarks.grid import load_sweep
 
     grid = load_sweep("pointcloud-quick")
     assert grid["task"] == "pointcloud" and set(grid["attacks"]) == {"pointba-i", "pointba-o", "pcba"}

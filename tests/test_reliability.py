@@ -20,9 +20,11 @@ import yaml
 from safetensors.torch import save_file
 
 from benchmarks.cli import main
+from benchmarks.grid import load_sweep
+from benchmarks.plan import plan_sweep
 from benchmarks.records import CSV_COLUMNS, ResultsFileError, append_csv_row
 from benchmarks.run import Paths
-from benchmarks.sweep import load_sweep, plan_sweep, run_sweep
+from benchmarks.sweep import run_sweep
 from common.checkpoint import save_checkpoint
 from common.fileio import file_lock
 from tasks.data_cache import list_caches

@@ -20,15 +20,11 @@ import torch
 import yaml
 
 from benchmarks.cli import main
+from benchmarks.grid import SweepConfigError, load_sweep
+from benchmarks.plan import plan_sweep, unresolved_run_id
 from benchmarks.run import Paths
-from benchmarks.sweep import (
-    SweepConfigError,
-    load_sweep,
-    plan_sweep,
-    rebuild_csv,
-    run_sweep,
-    unresolved_run_id,
-)
+from benchmarks.sweep import run_sweep
+from benchmarks.sweep_outputs import rebuild_csv
 from common.checkpoint import save_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -120,7 +116,7 @@ def test_every_problem_of_a_file_is_listed_at_once(tmp_path):
 
 
 def test_presets_are_valid_and_paper_grid_is_the_papers():
-    from benchmarks.sweep import expand
+    from benchmarks.grid import expand
 
     quick = load_sweep("quick")
     assert len(expand(quick)) == 8
@@ -139,8 +135,8 @@ def test_presets_are_valid_and_paper_grid_is_the_papers():
 
 
 def test_model_entries_carry_options_and_the_leaderboard_keeps_them_apart():
+    from benchmarks.grid import expand
     from benchmarks.leaderboard import records_frame
-    from benchmarks.sweep import expand
 
     grid = {"task": "image", "datasets": ["digits"], "attacks": ["badnets"], "defenses": ["nft"],
             "budgets": [{"val_frac": 0.05}], "seeds": [0],
@@ -158,7 +154,7 @@ def test_model_entries_carry_options_and_the_leaderboard_keeps_them_apart():
 
 
 def test_nft_study_presets_expand_to_their_grids():
-    from benchmarks.sweep import expand
+    from benchmarks.grid import expand
 
     ablations = expand(load_sweep("nft-ablations"))
     assert len(ablations) == 3 * 3 * 14 and {c.defense for c in ablations} == {"none", "nft"}

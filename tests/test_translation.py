@@ -306,7 +306,7 @@ def test_clp_refuses_a_transformer_with_one_clear_error(tr_task, tr_victim):
 
 
 def test_presets_load():
-    from benchmarks.sweep import load_sweep
+    from benchmarks.grid import load_sweep
 
     for name in ("translation-quick", "translation-multi30k", "translation-wmt14"):
         grid = load_sweep(name)

@@ -272,7 +272,7 @@ def test_nft_and_every_baseline_run_through_the_video_task(video_task, video_vic
 
 
 def test_preset_and_registration():
-    from benchmarks.sweep import load_sweep
+    from benchmarks.grid import load_sweep
 
     assert "video" in TASKS and TASKS.get("video").default_attack == "badnets-video"
     grid = load_sweep("video-quick")
