@@ -29,6 +29,7 @@ from common.checkpoint import atomic_write_text
 from common.environment import versions
 from common.fileio import file_lock
 from common.guards import quiet
+from common.precision import PRECISION_ENV, get_precision
 
 # Receives each finished cell and its record, in the driver (``benchmarks.sweep_outputs.Collector``).
 Collect = Callable[[Cell, dict[str, Any]], None]
@@ -257,7 +258,9 @@ def run_ray(todo: list[Cell], paths: Paths, out: Path, address: str | None, coll
     try:
         gpus = ray.cluster_resources().get("GPU", 0)
         options = {"num_gpus": 1, "num_cpus": 1} if gpus else {"num_cpus": 1}
-        remote = ray.remote(max_retries=1, **options)(_ray_cell)
+        # a cluster's workers do not inherit this process's environment: hand them the precision setting
+        env = {"env_vars": {PRECISION_ENV: get_precision()}}
+        remote = ray.remote(max_retries=1, runtime_env=env, **options)(_ray_cell)
         wpaths = paths if not gpus or paths.device != "auto" else Paths(
             runs_dir=paths.runs_dir, data_root=paths.data_root, device="cuda", download=paths.download)
         pending = {remote.remote(cell, wpaths, str(out), False): cell for cell in todo}

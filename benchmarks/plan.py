@@ -21,6 +21,7 @@ from benchmarks.records import params_label
 from benchmarks.run import Paths, RunConfig, run_config
 from benchmarks.validate import attack_class_problems
 from common.hashing import config_hash
+from common.precision import precision_identity
 
 
 @dataclass
@@ -104,13 +105,14 @@ def unresolved_config(cfg: RunConfig) -> dict[str, Any]:
                  "model_kwargs": cfg.model_kwargs},
         "attack": {"name": cfg.attack, **cfg.attack_params} if cfg.attack else None,
         "defense": cfg.defense, "defense_params": cfg.defense_params, "budget": cfg.budget().describe(),
-        "seed": cfg.seed,
+        "seed": cfg.seed, **precision_identity(),
     }
 
 
 def unresolved_run_id(cfg: RunConfig) -> str:
-    """Stable id of a cell that could not be resolved: the hash of its ``RunConfig``."""
-    return config_hash({"unresolved_cell": asdict(cfg)})
+    """Stable id of a cell that could not be resolved: the hash of its ``RunConfig`` (and an explicit precision, as
+    every run id)."""
+    return config_hash({"unresolved_cell": asdict(cfg), **precision_identity()})
 
 
 def record_status(records_dir: Path, run_id: str) -> str | None:

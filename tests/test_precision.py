@@ -108,3 +108,19 @@ def test_cli_precision_choices_are_the_suites():
     from common import precision
 
     assert train_args.PRECISIONS == precision.PRECISIONS and train_args.PRECISION_ENV == precision.PRECISION_ENV
+
+
+def test_an_unresolved_cell_has_the_precision_in_its_id(monkeypatch):
+    """A cell whose task cannot be built is still recorded under an id; an explicit precision is part of it, as of
+    every run id, so an fp32 and a bf16 sweep of one grid never share an error record."""
+    from benchmarks.plan import unresolved_config, unresolved_run_id
+    from benchmarks.run import RunConfig
+
+    cfg = RunConfig(dataset="no-such-dataset")
+    monkeypatch.setenv(PRECISION_ENV, "auto")
+    auto_id = unresolved_run_id(cfg)
+    assert "precision" not in unresolved_config(cfg)
+    monkeypatch.setenv(PRECISION_ENV, "fp32")
+    assert unresolved_run_id(cfg) != auto_id and unresolved_config(cfg)["precision"] == "fp32"
+    monkeypatch.setenv(PRECISION_ENV, "bf16")
+    assert unresolved_run_id(cfg) not in (auto_id,) and unresolved_config(cfg)["precision"] == "bf16"
