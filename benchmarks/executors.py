@@ -17,12 +17,13 @@ import signal
 import sys
 import time
 import traceback
+from collections import Counter, deque
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from benchmarks.interrupts import INTERRUPTED
-from benchmarks.plan import Cell, record_status
+from benchmarks.plan import Cell, record_status, victim_key
 from benchmarks.records import write_record
 from benchmarks.run import Paths, run_once
 from common.checkpoint import atomic_write_text
@@ -175,9 +176,35 @@ def resolve_workers(workers: int | str | None, device: str) -> int:
     return n
 
 
+class VictimQueue:
+    """The cells still to hand out, by victim: :meth:`pop` gives the first cell (in plan order) of a victim no worker
+    is on, so N workers start on N victims (a victim is trained once, under a lock; a second worker on it would
+    wait) and each victim's cells still run in order; only when every victim left is busy does a victim get a
+    second worker, which then shares its trained copy."""
+
+    def __init__(self, cells: list[Cell]):
+        self.by_victim: dict[str, deque[Cell]] = {}
+        for cell in cells:
+            self.by_victim.setdefault(victim_key(cell), deque()).append(cell)
+        self.busy: Counter[str] = Counter()
+
+    def __bool__(self) -> bool:
+        return any(self.by_victim.values())
+
+    def pop(self) -> Cell:
+        waiting = [k for k, q in self.by_victim.items() if q]
+        key = next((k for k in waiting if not self.busy[k]), waiting[0])
+        self.busy[key] += 1
+        return self.by_victim[key].popleft()
+
+    def done(self, cell: Cell) -> None:
+        self.busy[victim_key(cell)] -= 1
+
+
 def run_local(todo: list[Cell], paths: Paths, out: Path, workers: int, collect: Collect) -> None:
-    """In-process and sequential (workers=1), or one spawned worker process per slot, each pinned to a GPU. Cells
-    another sweep has claimed are left for last, then waited for (their record is taken as it is)."""
+    """In-process and sequential (workers=1), or one spawned worker process per slot, each pinned to a GPU (slot
+    modulo the visible GPUs: N workers on one GPU share it), handed cells victim by victim (:class:`VictimQueue`).
+    Cells another sweep has claimed are left for last, then waited for (their record is taken as it is)."""
     from tqdm.auto import tqdm
 
     if not todo:
@@ -211,23 +238,34 @@ def run_local(todo: list[Cell], paths: Paths, out: Path, workers: int, collect: 
                    download=paths.download)
     threads = max(1, (os.cpu_count() or 1) // workers)
     total = tqdm(total=len(todo), desc="sweep", position=0, unit="cell", disable=quiet(), dynamic_ncols=True)
+    queue = VictimQueue(todo)
     with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker,
                              initargs=(slots, gpus, threads, ctx.RLock())) as pool:
         try:
-            pending = {pool.submit(_worker_cell, cell, wpaths, str(out), False): cell for cell in todo}
+            pending: dict[Any, tuple[Cell, bool]] = {}
+
+            def submit(cell: Cell, wait: bool) -> None:
+                pending[pool.submit(_worker_cell, cell, wpaths, str(out), wait)] = (cell, wait)
+
+            while len(pending) < workers and queue:
+                submit(queue.pop(), False)
             while pending:
                 finished, _ = wait_for(pending, return_when=FIRST_COMPLETED)
                 for fut in finished:
-                    cell = pending.pop(fut)
+                    cell, waited = pending.pop(fut)
+                    if not waited:
+                        queue.done(cell)
                     try:
                         record = fut.result()
                     except Exception as e:  # noqa: BLE001  (a worker that died: out of memory, killed, ...)
                         record = error_record(cell, f"worker failed: {type(e).__name__}: {e}")
                     if record is None:  # claimed by another sweep: wait for it behind the other cells
-                        pending[pool.submit(_worker_cell, cell, wpaths, str(out), True)] = cell
+                        submit(cell, True)
                         continue
                     collect(cell, record)
                     total.update()
+                while len(pending) < workers and queue:
+                    submit(queue.pop(), False)
         except KeyboardInterrupt:  # stop the workers now; their unfinished cells leave no record and rerun
             pool.shutdown(wait=False, cancel_futures=True)
             for child in mp.active_children():

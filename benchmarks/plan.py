@@ -246,7 +246,7 @@ def device_kind(device: str) -> str:
     return "gpu" if torch.cuda.is_available() else "cpu"
 
 
-def _victim_key(c: Cell) -> str:
+def victim_key(c: Cell) -> str:
     """The victim id, or for an unresolved cell a stand-in built from what determines its victim."""
     if c.victim_id:
         return c.victim_id
@@ -259,8 +259,8 @@ def estimate(plan: Plan, kind: str, workers: int) -> dict[str, Any]:
     """Victims to train vs cached, defence runs, and an ESTIMATED time from ``COST_TABLE`` (not a measurement).
     Unresolved cells (data not found here) are costed as if their data were present."""
     todo = [c for c in plan.cells if c.status in ("todo", "unresolved")]
-    victims_all = {_victim_key(c) for c in plan.cells}
-    train = {_victim_key(c): c for c in todo if not c.victim_cached}
+    victims_all = {victim_key(c) for c in plan.cells}
+    train = {victim_key(c): c for c in todo if not c.victim_cached}
     extra = extra_trainings(plan, list(train.values()))
     seconds = 0.0
     for c in train.values():
@@ -279,7 +279,7 @@ def estimate(plan: Plan, kind: str, workers: int) -> dict[str, Any]:
         "to_run": sum(c.status == "todo" for c in plan.cells),
         "unresolved": sum(c.status == "unresolved" for c in plan.cells),
         "victims": len(victims_all), "victims_to_train": len(train),
-        "victims_unresolved": len({_victim_key(c) for c in plan.cells if c.status == "unresolved"}),
+        "victims_unresolved": len({victim_key(c) for c in plan.cells if c.status == "unresolved"}),
         "victims_cached": len({c.victim_id for c in plan.cells if c.victim_id and c.victim_cached}),
         "defense_runs": sum(c.cfg.defense != "none" for c in todo),
         **{f"{k}_to_train": len(v) for k, v in extra.items()},

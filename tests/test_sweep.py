@@ -478,3 +478,20 @@ def test_variant_selection_ranks_by_development_der_and_needs_a_paired_gain():
     verdict = dict(zip(ranked.variant, ranked.beats_default, strict=True))
     assert verdict == {"nft[eta=0.0]": True, "nft[steps=250]": False, "nft": False}
     assert ranked.loc[ranked.variant == "nft[eta=0.0]", "gain_vs_default"].item() == pytest.approx(10.0)
+
+
+def test_workers_start_on_different_victims_and_keep_each_victims_order():
+    """Issue 21: N workers (on one GPU, or one per CPU core) take N victims, not N cells of the first victim that
+    would wait on its training lock; a victim gets a second worker only when every victim left is busy."""
+    from benchmarks.executors import VictimQueue
+    from benchmarks.plan import Cell
+    from benchmarks.run import RunConfig
+
+    cells = [Cell(RunConfig(), f"{v}{i}", {}, victim_id=v) for v, n in (("A", 3), ("B", 2), ("C", 1)) for i in range(n)]
+    queue = VictimQueue(cells)
+    first = [queue.pop() for _ in range(3)]
+    assert [c.run_id for c in first] == ["A0", "B0", "C0"]
+    assert queue.pop().run_id == "A1"  # every victim busy: the earliest waiting cell, sharing A's trained copy
+    queue.done(first[1])  # B0 finished: B is free again, so its next cell goes before A's third
+    assert queue.pop().run_id == "B1"
+    assert queue.pop().run_id == "A2" and not queue
