@@ -14,9 +14,10 @@
   ``nftbench perf --variants nft-ablations`` times every NFT ablation of issue 9 side by side on one victim (with
   ``--quick``, a variant's own step count is scaled too).
 
-Nothing here reads test data: the defences get a view of the task without its test split and evaluator (as in
-the protocol tests), and no timing decision (warm-up, step counts, repeats) depends on a metric. A victim that is
-not cached yet is trained first, which evaluates it once for its ``victim.json``, as every run does.
+Nothing here reads test data: the defences get the defender's view that ``purify`` builds (the clean split and the
+protocol's operations, nothing else), and no timing decision (warm-up, step counts, repeats) depends on a metric.
+A victim that is not cached yet is trained first, which evaluates it once for its ``victim.json``, as every run
+does.
 """
 
 from __future__ import annotations
