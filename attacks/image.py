@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, ClassVar
@@ -27,7 +28,8 @@ class ImageAttack(Attack):
       crop/flip augmentation, as in the authors' pipelines): the trigger on the poisoned ``rows``; WaNet
       also warps some clean rows with noise ("cross" samples).
     - ``bakes_poison`` + ``poison_inputs(x, y)``: poisoned training images computed once instead (CLB's
-      adversarial perturbation), stored like a released poisoned dataset.
+      adversarial perturbation, BppA's dithering), stored like a released poisoned dataset; ``after_baking(x,
+      rows, generator)``, if set, still runs on every training batch (BppA's contrastive negatives).
     - ``train_victim`` / ``artifacts`` / ``load_artifacts`` (see :class:`attacks.base.Attack`): attacks that
       train their trigger jointly with the victim (Input-aware, LIRA) or whose poisoned samples are made of
       several images (CBA).
@@ -37,6 +39,7 @@ class ImageAttack(Attack):
 
     modality = "image"
     bakes_poison: ClassVar[bool] = False
+    after_baking: ClassVar[Callable[..., Tensor] | None] = None
 
     def apply(self, x: Tensor) -> Tensor:
         raise NotImplementedError

@@ -187,7 +187,8 @@ class ImageClassificationTask(TensorBatches, Task):
         """The attacker's training set, poisoned by ``attack`` (exact, seeded); and the poisoned indices.
 
         The trigger is applied as batches are gathered (``attack.poison_batch``), or, for attacks whose
-        poisoned images are computed once (``bakes_poison``: CLB), written into a copy of the training images."""
+        poisoned images are computed once (``bakes_poison``: CLB, BppA), written into a copy of the training images
+        (and ``attack.after_baking``, if any, applied as batches are gathered)."""
         self.check_attack(attack)
         train = self.data.train.subset(self.attacker_idx)
         if attack is None or attack.poison_rate == 0:
@@ -204,7 +205,7 @@ class ImageClassificationTask(TensorBatches, Task):
         for chunk in idx.split(self.eval_batch_size):
             rows = to_float(x[chunk].to(self.device))
             x[chunk] = to_uint8(attack.poison_inputs(rows, train.y[chunk].to(self.device))).to(x.device)
-        return self.place(ImageSet(x, y, poisoned, None)), idx
+        return self.place(ImageSet(x, y, poisoned, attack.after_baking)), idx
 
     def clean_split(self, budget: CleanBudget, seed: int) -> ImageSet:
         """The defender's clean data: ``fraction`` of the full training set, or ``per_class`` per class,

@@ -117,17 +117,26 @@ def test_bppa_squeezes_to_squeeze_num_levels_with_exact_floyd_steinberg():
         create_attack("bppa", squeeze_num=1)
 
 
-def test_bppa_negative_samples_add_another_images_residual_and_keep_the_rest():
-    attack = create_attack("bppa", neg_ratio=0.25)
-    x = torch.rand(16, 3, 8, 8)
+def test_bppa_bakes_its_poison_and_negatives_add_a_pooled_residual(digits_task):
+    attack = create_attack("bppa", neg_ratio=0.25, residual_pool=32)
+    assert attack.bakes_poison
+    attack.prepare(digits_task)
+    pool = attack._residuals
+    assert pool.shape[0] == 32 and pool.dtype == torch.int16 and pool.abs().max() <= 255 // 7 + 1
+    x = torch.randint(0, 256, (16, *pool.shape[1:])).float() / 255
     rows = torch.zeros(16, dtype=torch.bool)
     rows[:2] = True
-    out = attack.poison_batch(x.clone(), rows, torch.Generator().manual_seed(0))
-    assert torch.equal(out[:2], attack.apply(x[:2]))
-    changed = (out[2:] != x[2:]).flatten(1).any(1)
-    assert changed.sum() == 4  # round(0.25 * 16) negative samples
-    assert (out[2:][changed] - x[2:][changed]).abs().max() <= 1 / 7 + 1e-6  # a squeezing residual
-    assert torch.equal(attack.poison_batch(x.clone(), rows, None)[2:], x[2:])
+    out = attack.after_baking(x.clone(), rows, torch.Generator().manual_seed(0))
+    assert torch.equal(out[:2], x[:2])  # poisoned rows were squeezed when baked; left as they are
+    changed = torch.nonzero((out != x).flatten(1).any(1)).flatten()
+    assert len(changed) == 4 and (changed >= 2).all()  # round(0.25 * 16) negatives, all clean rows
+    residual = ((out[changed] - x[changed]) * 255).round()
+    unclipped = ((x[changed] > 0) & (x[changed] < 1) & (out[changed] > 0) & (out[changed] < 1)).flatten(1).all(1)
+    for r, whole in zip(residual, unclipped, strict=True):  # each a residual of the pool (where nothing clipped)
+        assert not whole or (pool == r.to(torch.int16)).flatten(1).all(1).any()
+    assert torch.equal(attack.after_baking(x.clone(), rows, None), x)
+    all_poisoned = torch.ones(16, dtype=torch.bool)
+    assert torch.equal(attack.after_baking(x.clone(), all_poisoned, torch.Generator().manual_seed(0)), x)
 
 
 def test_clb_corner_trigger_and_amplitude():
