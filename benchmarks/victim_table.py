@@ -15,6 +15,7 @@ from typing import Any
 
 import pandas as pd
 
+from benchmarks.records import params_label
 from common.hashing import config_hash
 
 COLUMNS = ["victim_id", "model", "attack", "seed", "clean_acc", "asr", "ra", "train_min", "images_per_s",
@@ -41,7 +42,8 @@ def victim_rows(runs_dir: str | Path, dataset: str, scale: str, model: str | Non
             continue
         m = meta["metrics"]
         rows.append({
-            "victim_id": meta["victim_id"], "model": task.get("model"), "attack": attack["name"] if attack else "none",
+            "victim_id": meta["victim_id"], "model": params_label(task.get("model"), task.get("model_kwargs") or {}),
+            "attack": attack["name"] if attack else "none",
             "seed": meta["config"]["seed"], "clean_acc": m["clean_acc"], "asr": m.get("asr"), "ra": m.get("ra"),
             "train_min": round(meta["train_time_s"] / 60, 1), "images_per_s": round(meta["train_images_per_s"], 1),
             "torch_threads": meta.get("torch_threads"), "precision": meta.get("precision"),
