@@ -372,6 +372,9 @@ class DefenderView:
     def __init__(self, task: Task, clean: Any):
         if isinstance(task, DefenderView):
             task = task._ops
+        if not hasattr(task, "defender_ops"):
+            raise TypeError(f"a defence runs on a task of the protocol (a tasks.base.Task subclass), got "
+                            f"{type(task).__name__}; subclass Task or give the object a defender_ops() method")
         self.clean = _materialised(clean)
         self._ops = task.defender_ops()
 
