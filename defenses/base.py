@@ -101,10 +101,9 @@ def purify(name: str, model: nn.Module, task: Any, clean: Any, config: dict[str,
 
 
 def first_tensor(output: Any) -> Tensor | None:
-    """The first tensor of a model's output (a tensor, or a tuple, list or dict of outputs, as detectors return)."""
+    """The first tensor of a model's output (a tensor, or a tuple, list or dict of outputs: detectors, transformers'
+    ModelOutput)."""
     if isinstance(output, Tensor):
         return output
     values = output.values() if isinstance(output, dict) else output if isinstance(output, list | tuple) else ()
-    if hasattr(output, "to_tuple"):  # transformers' ModelOutput
-        values = output.to_tuple()
     return next((t for t in map(first_tensor, values) if t is not None), None)

@@ -370,8 +370,6 @@ class DefenderView:
     SETTINGS = ("name", "num_classes", "device", "mask_target", "has_classes", "amp")
 
     def __init__(self, task: Task, clean: Any):
-        if isinstance(task, DefenderView):
-            task = task._ops
         if not hasattr(task, "defender_ops"):
             raise TypeError(f"a defence runs on a task of the protocol (a tasks.base.Task subclass), got "
                             f"{type(task).__name__}; subclass Task or give the object a defender_ops() method")
