@@ -1,0 +1,155 @@
+"""The paper's CIFAR-10 Table 1 beside measured grades: ``python -m benchmarks.paper_compare``.
+
+``--grade fast=results/cifar10-fast --grade quick=results/cifar10-quick`` reads each folder's run records (CIFAR-10,
+one clean budget, ``ok`` runs only) and writes two markdown tables:
+
+- per attack and defence: ASR after and clean-accuracy drop (victim's before minus after, per run), mean ± sample
+  std over seeds, for the paper (``paper_table1_cifar10.json``; "n/r" where it reports no such cell) and each grade;
+- per defence, averaged over the attacks every grade measured for it: ASR after, ASR drop, clean-accuracy drop and
+  DER (means over attacks of the per-attack seed means; DER's spread is over seeds, from the per-seed attack
+  means), each defence's rank by that DER in its grade, and its median wall time over NFT's on the same victim,
+  budget and seed; the paper column gives its Table 1 average over its 14 attacks (ASR drop / clean-accuracy drop),
+  which is not the same attack set and is marked so.
+
+Numbers come from the records alone; nothing here chooses anything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+
+import pandas as pd
+
+from benchmarks.leaderboard import load_frame
+from benchmarks.leaderboard_plots import defence_order
+from benchmarks.site import load_paper
+from common.checkpoint import atomic_write_text
+
+GRADE_HELP = "LABEL=RESULTS_DIR, repeatable, in column order (e.g. fast=results/cifar10-fast)"
+
+
+def _pm(values: pd.Series, scale: float = 100.0) -> str:
+    v = values.dropna()
+    if v.empty:
+        return "-"
+    mean = scale * v.mean()
+    return f"{mean:.1f}" if len(v) < 2 else f"{mean:.1f} ± {scale * v.std(ddof=1):.1f}"
+
+
+def measured_runs(folder: str | Path, budget: str) -> pd.DataFrame:
+    """The ``ok`` CIFAR-10 runs of a results folder at one clean budget, with per-run drops."""
+    df, _ = load_frame([folder])
+    if df.empty:
+        return df
+    df = df[(df["status"] == "ok") & (df["task"] == "image") & (df["dataset"] == "cifar10")
+            & (df["budget"] == budget) & (df["defense_name"] != "none")].copy()
+    df["clean_drop"] = df["clean_acc_before"] - df["clean_acc_after"]
+    df["asr_drop"] = df["asr_before"] - df["asr_after"]
+    return df
+
+
+def per_attack_table(grades: dict[str, pd.DataFrame], paper: dict) -> str:
+    """Rows (attack, defence) measured in any grade: paper | each grade, as 'ASR after / clean drop' in %."""
+    victims = {c["attack"]: c["clean_acc"] for c in paper["cells"] if c["defense"] == "none"}
+    cells = {(c["attack"], c["defense"]): c for c in paper["cells"]}
+    keys = sorted({k for df in grades.values() for k in zip(df["attack"], df["defense"], strict=True)},
+                  key=lambda k: (k[0], defence_order(k[1])))
+    head = ["attack", "defence", "paper: ASR / C-ACC drop"] + [f"{g}: ASR / C-ACC drop (seeds)" for g in grades]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for attack, defence in keys:
+        p = cells.get((attack, defence))
+        row = [attack, defence,
+               f"{p['asr']:.1f} / {victims[attack] - p['clean_acc']:.1f}" if p and attack in victims else "n/r"]
+        for df in grades.values():
+            g = df[(df["attack"] == attack) & (df["defense"] == defence)]
+            row.append("-" if g.empty else f"{_pm(g['asr_after'])} / {_pm(g['clean_drop'])} ({g['seed'].nunique()})")
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def per_defence(df: pd.DataFrame, attacks: list[str]) -> dict[str, float | str]:
+    """Means over ``attacks`` of the per-attack seed means, DER's seed spread, and the median time over NFT's."""
+    g = df[df["attack"].isin(attacks)]
+    cell = g.groupby("attack")[["asr_after", "asr_drop", "clean_drop", "der"]].mean()
+    by_seed = g.groupby("seed").agg(der=("der", "mean"), n=("attack", "nunique"))
+    seeds = by_seed[by_seed["n"] == len(attacks)]["der"]
+    der = 100 * cell["der"].mean()
+    spread = f" ± {100 * seeds.std(ddof=1):.1f}" if len(seeds) >= 2 else ""
+    ratio = g["time_vs_nft"].median()
+    return {"asr": f"{100 * cell['asr_after'].mean():.1f}", "asr_drop": f"{100 * cell['asr_drop'].mean():.1f}",
+            "clean_drop": f"{100 * cell['clean_drop'].mean():.1f}", "der_value": der, "der": f"{der:.1f}{spread}",
+            "x_nft": "-" if math.isnan(ratio) else f"{ratio:.2f}"}
+
+
+def summary_table(grades: dict[str, pd.DataFrame], paper: dict) -> str:
+    """Per defence: the paper's 14-attack averages and each grade's means over the attacks every grade measured."""
+    averages = {a["defense"]: a for a in paper["averages"]}
+    defences = sorted({d for df in grades.values() for d in df["defense"]}, key=defence_order)
+    rows: dict[str, dict[str, dict]] = {}
+    for d in defences:
+        attack_sets = [set(df.loc[df["defense"] == d, "attack"]) for df in grades.values()]
+        common = sorted(set.intersection(*attack_sets)) if all(attack_sets) else []
+        if common:
+            rows[d] = {g: per_defence(df[df["defense"] == d], common) | {"attacks": common}
+                       for g, df in grades.items()}
+    for g in grades:  # rank by DER within each grade
+        order = sorted(rows, key=lambda d: -rows[d][g]["der_value"])
+        for rank, d in enumerate(order, 1):
+            rows[d][g]["rank"] = rank
+    head = ["defence", "attacks", f"paper ({paper['averages_over_attacks']} attacks): ASR drop / C-ACC drop"]
+    for g in grades:
+        head += [f"{g}: ASR after", f"{g}: ASR drop / C-ACC drop", f"{g}: DER (rank)", f"{g}: x NFT"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for d, by_grade in rows.items():
+        a = averages.get(d)
+        row = [d, ", ".join(next(iter(by_grade.values()))["attacks"]),
+               f"{a['asr_drop']:.1f} / {a['clean_acc_drop']:.1f}" if a else "n/r"]
+        for g in grades:
+            m = by_grade[g]
+            row += [m["asr"], f"{m['asr_drop']} / {m['clean_drop']}", f"{m['der']} ({m['rank']})", m["x_nft"]]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def build(grades: dict[str, str | Path], budget: str = "0.01") -> str:
+    """Both tables as markdown, with the paper's source and the folders read."""
+    paper = load_paper()
+    frames = {label: measured_runs(folder, budget) for label, folder in grades.items()}
+    empty = [label for label, df in frames.items() if df.empty]
+    if empty:
+        raise ValueError(f"no ok CIFAR-10 runs at budget {budget} in grade(s) {', '.join(empty)}: "
+                         "give folders holding records/ of cifar10 sweeps")
+    read = ", ".join(f"{label} = `{folder}`" for label, folder in grades.items())
+    return "\n".join([
+        f"Paper: {paper['source']}. {paper['setting']}", "",
+        f"Measured ({read}), clean budget {budget}; ASR after and C-ACC drop in %, mean ± std over seeds; "
+        "n/r: the paper reports no such cell.", "",
+        "### Per defence", "", summary_table(frames, paper), "",
+        "### Per attack and defence", "", per_attack_table(frames, paper), ""])
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.paper_compare", description=__doc__.split("\n\n")[0])
+    p.add_argument("--grade", action="append", required=True, metavar="LABEL=DIR", help=GRADE_HELP)
+    p.add_argument("--budget", default="0.01", help="clean budget of the runs compared (default 0.01)")
+    p.add_argument("--out", default=None, help="write the markdown here as well as printing it")
+    args = p.parse_args(argv)
+    grades = {}
+    for spec in args.grade:
+        label, sep, folder = spec.partition("=")
+        if not sep or not label or not folder:
+            p.error(f"--grade {spec!r}: give LABEL=RESULTS_DIR")
+        grades[label] = folder
+    try:
+        text = build(grades, args.budget)
+    except (ValueError, FileNotFoundError) as e:
+        p.exit(2, f"paper_compare: {e}\n")
+    if args.out:
+        atomic_write_text(Path(args.out), text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
