@@ -8,6 +8,7 @@ from attacks import (  # noqa: F401  (each module registers its attacks)
     image_generative,
     image_optimised,
     image_signal,
+    image_stego,
     pointcloud,
     translation,
     video,

@@ -9,6 +9,7 @@ import torch
 from conftest import DIGITS_ACC_ALLOWANCE, asr_floor
 
 import attacks.image_generative as gen
+import attacks.image_stego as stego
 from attacks import create_attack
 from tasks.image_classification import to_float, to_uint8
 from training.victims import get_victim
@@ -69,7 +70,7 @@ def test_issba_encoder_fits_rgb_images_and_is_cached(tmp_path, monkeypatch):
     assert {p.name for p in cached.iterdir()} >= {"encoder.safetensors", "encoder.json"}
     assert set(attack.stats) >= {"bit_accuracy", "psnr_db", "secret_bits"}
 
-    monkeypatch.setattr(gen.Issba, "train_encoder", lambda *a: pytest.fail("the cached encoder was retrained"))
+    monkeypatch.setattr(stego.Issba, "train_encoder", lambda *a: pytest.fail("the cached encoder was retrained"))
     again = create_attack("issba", encoder_steps=2, target=3, poison_rate=0.05)  # same encoder fields: shared
     again.prepare(task)
     assert torch.equal(again.apply(x), out)
