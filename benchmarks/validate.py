@@ -24,8 +24,8 @@ POSITIVE = ("width",)  # size multipliers: 0 or less builds a degenerate network
 
 
 def model_factory(task: str, dataset: str, model: str | None, scale: str) -> tuple[str, Callable[..., Any] | None]:
-    """The name and registered factory of the model the task would build (image and point-cloud models; no factory
-    for the other tasks)."""
+    """The name and registered factory of the model the task would build (image, point-cloud and video models; no
+    factory for the other tasks)."""
     if task == "image":
         from tasks.image_classification import DEFAULT_MODELS
         from tasks.image_models import IMAGE_MODELS
@@ -38,6 +38,11 @@ def model_factory(task: str, dataset: str, model: str | None, scale: str) -> tup
 
         name = model or DEFAULT_MODELS.get((dataset, scale), "pointnet-small")
         return name, POINTCLOUD_MODELS.get(name)
+    if task == "video":
+        from tasks.video import DEFAULT_MODELS, VIDEO_MODELS
+
+        name = model or DEFAULT_MODELS[scale]
+        return name, VIDEO_MODELS.get(name)
     return model or "default", None
 
 

@@ -30,6 +30,7 @@ from common.fileio import file_lock
 
 T = TypeVar("T")
 KEY = re.compile(r"-[0-9a-f]{10}$")
+CLIP_CACHE = "video-clips"  # <runs>/video-clips: decoded clips, one per video file, keyed by its path and content
 
 
 class CacheError(RuntimeError):
@@ -143,7 +144,7 @@ class CacheEntry:
 
 def list_caches(runs_dir: str | os.PathLike) -> list[CacheEntry]:
     """Every folder under ``<runs>/datasets``: keyed caches with their state, older unkeyed ones, and temporary
-    folders a killed decode left."""
+    folders a killed decode left; and the per-video clip cache ``<runs>/video-clips``."""
     folder = Path(runs_dir) / "datasets"
     entries = []
     for p in sorted(folder.iterdir()) if folder.is_dir() else []:
@@ -163,6 +164,11 @@ def list_caches(runs_dir: str | os.PathLike) -> list[CacheEntry]:
             source = ""
         size = sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
         entries.append(CacheEntry(p, state, size, source))
+    clips = Path(runs_dir) / CLIP_CACHE
+    if clips.is_dir():
+        size = sum(f.stat().st_size for f in clips.glob("*.npy"))
+        entries.append(CacheEntry(clips, "ok (decoded clips, one per video file, keyed by its content)", size,
+                                  "the video files of tasks.video_data"))
     return entries
 
 

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -148,9 +148,16 @@ def cnn3d_small(num_classes: int, width: float = 1.0) -> nn.Module:
     return SmallCNN3d(num_classes, [max(1, int(c * width)) for c in (16, 32, 64, 128)])
 
 
+def torchvision_video(arch: str) -> Callable[..., nn.Module]:
+    """The factory of one torchvision video ResNet; its signature is the options a user may set."""
+    def build(num_classes: int, pretrained: str | None = None) -> nn.Module:
+        return TorchvisionVideoResNet(arch, num_classes, pretrained)
+
+    return build
+
+
 for _arch in ("r3d_18", "mc3_18", "r2plus1d_18"):
-    VIDEO_MODELS.register(_arch)(lambda num_classes, pretrained=None, _a=_arch: TorchvisionVideoResNet(
-        _a, num_classes, pretrained))
+    VIDEO_MODELS.register(_arch)(torchvision_video(_arch))
 
 # ------------------------------------------------------------------------------------------------------- task
 DEFAULT_MODELS = {"quick": "cnn3d-small", "paper": "r3d_18"}

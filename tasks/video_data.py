@@ -19,8 +19,9 @@
   from it. The reference draws a random clip per epoch and averages ten test clips; one cached clip per video
   is this suite's simplification (it makes the decode a one-off and the data a plain array).
   Decoded clips are cached per video under ``<cache_dir>/video-clips/``, keyed by the file's path and the
-  SHA-256 of its content (a changed file is decoded again), and the assembled split under
-  ``<cache_dir>/datasets/`` keyed by every video's key.
+  SHA-256 of its content (a changed file is decoded again), and the assembled split as every dataset is
+  (``tasks.data_cache``: keyed by the data root, rebuilt when a video's size or mtime changes or the cache cannot
+  be read, built under a lock).
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from tasks.base import LabelledTensors, Registry
-from tasks.data_cache import rebuild
+from tasks.data_cache import CLIP_CACHE, dataset_cache
 
 
 class DatasetNotFoundError(FileNotFoundError):
@@ -82,11 +83,10 @@ def load_video_dataset(name: str, root: str | os.PathLike, cache_dir: str | os.P
     loader = VIDEO_DATASETS.get(name)
     if frames < 1 or size < 4:
         raise ValueError(f"video clips need frames >= 1 and size >= 4, got frames={frames}, size={size}")
-    cache_dir = Path(cache_dir)
-    cache = cache_dir / "datasets" / f"video-{name}-s{split}-t{frames}-{size}px"
+    cache_dir, root = Path(cache_dir), Path(root).expanduser()
 
     def build(tmp: Path) -> None:
-        arrays, classes, mean, std, flip = loader(Path(root).expanduser(), frames, size, split, cache_dir, tmp)
+        arrays, classes, mean, std, flip = loader(root, frames, size, split, cache_dir, tmp)
         digest = hashlib.sha256()
         for k in ARRAYS:
             if not (tmp / f"{k}.npy").is_file():
@@ -95,17 +95,18 @@ def load_video_dataset(name: str, root: str | os.PathLike, cache_dir: str | os.P
             a = np.load(tmp / f"{k}.npy", mmap_mode="r")
             for i in range(0, len(a), 256):  # in chunks: UCF101's clips are ~10 GB
                 digest.update(np.ascontiguousarray(a[i:i + 256]).tobytes())
-        meta = {"classes": classes, "mean": mean, "std": std, "flip": flip, "fingerprint": digest.hexdigest()[:16]}
+        meta = {"classes": classes, "mean": mean, "std": std, "flip": flip, "fingerprint": digest.hexdigest()[:16],
+                "source": loader.source(root)}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
 
-    if name != "procedural":  # a changed or added video changes the key: rebuild
-        cache = cache.with_name(cache.name + "-" + loader.content_key(Path(root).expanduser(), split))
-    if not (cache / "meta.json").is_file():  # built once, atomically; the key above names its content
-        rebuild(cache, build)
-    meta = json.loads((cache / "meta.json").read_text())
-    a = {k: torch.from_numpy(read_array(cache / f"{k}.npy")) for k in ARRAYS}
-    return VideoDataset(name, VideoSet(a["train_x"], a["train_y"].long()), VideoSet(a["test_x"], a["test_y"].long()),
-                        meta["classes"], tuple(meta["mean"]), tuple(meta["std"]), meta["fingerprint"], meta["flip"])
+    def load(cache: Path) -> VideoDataset:
+        meta = json.loads((cache / "meta.json").read_text())
+        a = {k: torch.from_numpy(read_array(cache / f"{k}.npy")) for k in ARRAYS}
+        return VideoDataset(name, VideoSet(a["train_x"], a["train_y"].long()),
+                            VideoSet(a["test_x"], a["test_y"].long()), meta["classes"], tuple(meta["mean"]),
+                            tuple(meta["std"]), meta["fingerprint"], meta["flip"])
+
+    return dataset_cache(cache_dir, f"video-{name}-s{split}-t{frames}-{size}px", root, build, load)
 
 
 def read_array(path: Path) -> np.ndarray:
@@ -167,7 +168,7 @@ def load_procedural(root: Path, frames: int, size: int, split: int, cache_dir: P
     return {"train_x": xtr, "train_y": ytr, "test_x": xte, "test_y": yte}, list(PROCEDURAL_CLASSES), mean, std, False
 
 
-load_procedural.content_key = lambda root, split: ""
+load_procedural.source = lambda root: "procedural (embedded)"
 VIDEO_DATASETS.register("procedural")(load_procedural)
 
 
@@ -229,7 +230,7 @@ def _file_key(path: str, rel: str, size: int, mtime_ns: int) -> str:
 def cached_clip(job: tuple[str, str, int, int, str]) -> str:
     """Decode one video into ``<cache_dir>/video-clips/<key>-t<frames>-<size>px.npy`` unless there; its path."""
     path, key, frames, size, cache_dir = job
-    out = Path(cache_dir) / "video-clips" / f"{key}-t{frames}-{size}px.npy"
+    out = Path(cache_dir) / CLIP_CACHE / f"{key}-t{frames}-{size}px.npy"
     if not out.is_file():
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.with_name(out.name + f".tmp{os.getpid()}-{threading.get_ident()}.npy")
@@ -295,7 +296,7 @@ def hmdb51_items(root: Path, split: int) -> tuple[list[tuple[Path, str, int]], l
     return train, test, classes
 
 
-def official_loader(items: Callable) -> Loader:
+def official_loader(items: Callable, folder: str) -> Loader:
     def load(root: Path, frames: int, size: int, split: int, cache_dir: Path, scratch: Path):
         require_av()
         train, test, classes = items(root, split)
@@ -308,16 +309,9 @@ def official_loader(items: Callable) -> Loader:
         arrays = {"train_x": xtr, "train_y": ytr, "test_x": xte, "test_y": yte}
         return arrays, classes, KINETICS_MEAN, KINETICS_STD, True
 
-    def content_key(root: Path, split: int) -> str:
-        train, test, _ = items(root, split)
-        digest = hashlib.sha256()
-        for p, rel, label in train + test:
-            digest.update(f"{file_key(p, rel) if p.is_file() else 'missing:' + rel} {label}\n".encode())
-        return digest.hexdigest()[:16]
-
-    load.content_key = content_key
+    load.source = lambda root: str((root / folder).resolve())  # the files the split's cache is made from
     return load
 
 
-VIDEO_DATASETS.register("ucf101")(official_loader(ucf101_items))
-VIDEO_DATASETS.register("hmdb51")(official_loader(hmdb51_items))
+VIDEO_DATASETS.register("ucf101")(official_loader(ucf101_items, "UCF101"))
+VIDEO_DATASETS.register("hmdb51")(official_loader(hmdb51_items, "HMDB51"))

@@ -292,6 +292,10 @@ BAD_RUNS = [  # (arguments after `nftbench run ...`, what the one line says)
      "tokenizer.json is not a `tokenizers` tokenizer file"),
     (["--task", "detection", "--dataset", "{bad}/evil.yaml", "--attack", "none"],
      "evil.yaml is not a plain YAML dataset file"),
+    (["--task", "video", "--model-param", "width=-1"], "model cnn3d-small (video, procedural): option 'width' must"),
+    (["--task", "video", "--model-param", "foo=1"], "has no option(s) ['foo']; valid: ['width']"),
+    (["--task", "video", "--scale", "paper", "--model-param", "pretrained={bad}/resnet50.pth"],
+     "nftbench loads only safetensors"),
 ]
 
 
@@ -318,6 +322,8 @@ BAD_GRIDS = [  # (grid overrides, what the error says); each fails `sweep --dry-
     ({"name": "../../escaped"}, "name: '../../escaped' is not a folder name"),
     ({"name": "/tmp/elsewhere"}, "is not a folder name"),
     ({"attacks": ["pointba-i"]}, "attack 'pointba-i' is a pointcloud attack"),
+    ({"task": "video", "datasets": ["procedural"], "attacks": ["badnets-video"], "defenses": ["none"],
+      "models": [{"name": "cnn3d-small", "width": 0}]}, "option 'width' must be > 0"),
 ]
 
 

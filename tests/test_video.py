@@ -18,6 +18,7 @@ from defenses.clp import conv_bn_pairs
 from defenses.masking import NeuronMasks
 from tasks import TASKS, Batch, CleanBudget, Task, create_task
 from tasks.base import LabelledTensors, TensorBatches, beta_sample, select_clean, stratified_split
+from tasks.data_cache import list_caches
 from tasks.video_data import (
     PROCEDURAL_CLASSES,
     DatasetNotFoundError,
@@ -108,6 +109,7 @@ def test_ucf101_layout_decoder_and_content_keyed_cache(tmp_path):
     medians = [float(data.train.x[i].float().median()) for i in range(2)]  # the background survives the codec
     assert abs(medians[0] - 40) < 8 and abs(medians[1] - 160) < 8
     assert len(list((cache / "video-clips").glob("*-16px.npy"))) == 4
+    assert [e.state[:2] for e in list_caches(cache)] == ["ok", "ok"]  # the split and the per-video clips
     task = create_task("video", dataset="ucf101", data_root=tmp_path / "data", cache_dir=cache, device="cpu",
                        size=12, frames=4)
     assert task.data.train.x.shape[-1] == round(12 * 64 / 56)  # cached 8/7 larger, cropped to the model's side
@@ -119,6 +121,17 @@ def test_ucf101_layout_decoder_and_content_keyed_cache(tmp_path):
     (root / "UCF-101" / "Archery" / "v_Archery_g01_c01.avi").unlink()
     with pytest.raises(DatasetNotFoundError, match="missing"):
         load_video_dataset("ucf101", tmp_path / "data", cache, frames=4, size=16)
+
+
+def test_procedural_cache_is_keyed_listed_and_rebuilt_when_damaged(tmp_path, capsys):
+    data = load_video_dataset("procedural", tmp_path / "data", tmp_path, frames=4, size=8)
+    (entry,) = list_caches(tmp_path)
+    assert entry.state == "ok" and entry.path.name.startswith("video-procedural-s1-t4-8px-")
+    with open(entry.path / "train_x.npy", "r+b") as f:  # truncated, as a full disk or a killed copy leaves it
+        f.truncate(200)
+    again = load_video_dataset("procedural", tmp_path / "data", tmp_path, frames=4, size=8)
+    assert torch.equal(again.train.x, data.train.x) and again.fingerprint == data.fingerprint
+    assert f"dataset cache {entry.path} is unreadable" in capsys.readouterr().err
 
 
 def test_hmdb51_layout_and_missing_dataset(tmp_path):
