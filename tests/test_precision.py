@@ -124,3 +124,22 @@ def test_an_unresolved_cell_has_the_precision_in_its_id(monkeypatch):
     assert unresolved_run_id(cfg) != auto_id and unresolved_config(cfg)["precision"] == "fp32"
     monkeypatch.setenv(PRECISION_ENV, "bf16")
     assert unresolved_run_id(cfg) not in (auto_id,) and unresolved_config(cfg)["precision"] == "bf16"
+
+
+def test_a_cached_victim_of_another_precision_under_auto_is_noted(digits_task, digits_victim, tmp_path, monkeypatch,
+                                                                  capsys):
+    _, _, _, trained = digits_victim("none")
+    monkeypatch.setenv(PRECISION_ENV, "auto")
+    here = precision_in_effect(CPU)
+    other = "fp32" if here == "bf16" else "bf16"
+    d = victim_dir(tmp_path, victim_config(digits_task, None, 0))  # auto's id: the committed victims' ids
+    d.mkdir(parents=True)
+    for f in ("model.safetensors", "victim.json"):
+        (d / f).write_bytes((trained / f).read_bytes())
+    meta = json.loads((d / "victim.json").read_text())
+    (d / "victim.json").write_text(json.dumps(meta | {"precision": other}))
+    get_victim(digits_task, None, 0, tmp_path)
+    assert f"victim {d.name} was trained in {other} (precision auto" in capsys.readouterr().err
+    (d / "victim.json").write_text(json.dumps(meta | {"precision": here}))
+    get_victim(digits_task, None, 0, tmp_path)
+    assert "was trained in" not in capsys.readouterr().err

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -58,6 +59,11 @@ def get_victim(task: Task, attack: Attack | None, seed: int, runs_dir: str | os.
             if not _cached(d):
                 return _train_victim(task, attack, seed, config, d, max_steps)
     meta = json.loads((d / "victim.json").read_text())
+    here = numerics(task)["precision"]
+    if meta.get("precision", here) != here:  # only under ``auto``: an explicit precision is part of the id
+        print(f"nftbench: note: cached victim {d.name} was trained in {meta['precision']} (precision auto on the "
+              f"machine that trained it); here auto computes in {here}. For victims in one explicit precision, set "
+              "--precision (they get ids of their own)", file=sys.stderr)
     model = load_checkpoint(d / "model.safetensors", task.build_model())
     load_attack_artifacts(attack, d)
     return model.eval(), meta, d
