@@ -162,7 +162,7 @@ def universal_perturbation(model: nn.Module, task: Any, clean: Any, cfg: IBAUCon
         check_finite(objective, "i-bau inner", step)
         (delta.grad,) = torch.autograd.grad(objective, [delta])
         opt.step()
-        losses.append(round(loss.item(), 4))
+        losses.append(loss.detach())
         if counts is not None:
             counts["inner_steps"] += 1
             counts["forward"] += 1
@@ -170,9 +170,10 @@ def universal_perturbation(model: nn.Module, task: Any, clean: Any, cfg: IBAUCon
     if delta is None:
         raise ValueError("i-bau got an empty clean split")
     delta = delta.detach()
+    trace = [round(v, 4) for v in torch.stack(losses).tolist()]  # read once, not per step (a sync on a GPU)
     if cfg.delta_radius is not None:
         delta = delta * min(1.0, cfg.delta_radius / max(float(delta.norm()), 1e-12))
-    return delta, losses
+    return delta, trace
 
 
 @register_defense("i-bau", IBAUConfig, "Zeng et al., Adversarial Unlearning of Backdoors via Implicit "
@@ -209,7 +210,7 @@ def ibau(model: nn.Module, task: Any, clean: Any, cfg: IBAUConfig, seed: int = 0
             def outer_loss(params, _hparams, batch=batch, rows=rows, outer_losses=outer_losses):
                 loss = task.loss(model, _perturbed(task, batch, params[0], rows))
                 check_finite(loss, "i-bau outer", counts["outer_steps"])
-                outer_losses.append(loss.item())
+                outer_losses.append(loss.detach())
                 return loss
 
             iters: list[int] = []
@@ -225,7 +226,7 @@ def ibau(model: nn.Module, task: Any, clean: Any, cfg: IBAUConfig, seed: int = 0
         rounds.append({
             "round": r, "delta_l2": round(float(delta.norm()), 4), "delta_linf": round(float(delta.abs().max()), 4),
             "inner_loss_start": inner_trace[0], "inner_loss_end": inner_trace[-1],
-            "outer_loss_mean": round(sum(outer_losses) / len(outer_losses), 4),
+            "outer_loss_mean": round(float(torch.stack(outer_losses).double().mean()), 4),
         })
     model.eval()
     return model, {
