@@ -72,8 +72,19 @@ def parse_only(items: Sequence[str]) -> dict[str, set[str]]:
         if not sep or key not in ONLY_KEYS or not values.strip():
             raise ValueError(f"--only expects KEY=VALUE[,VALUE...] with KEY one of {', '.join(ONLY_KEYS)} "
                              f"(e.g. --only attack=badnets --only seed=2), got {item!r}")
-        only.setdefault(key, set()).update(v.strip() for v in values.split(",") if v.strip())
+        only.setdefault(key, set()).update(v.strip() for v in split_outside_brackets(values) if v.strip())
     return only
+
+
+def split_outside_brackets(text: str) -> list[str]:
+    """``a,b[x=1,y=2]`` -> ``['a', 'b[x=1,y=2]']``: commas inside a label's options do not separate values."""
+    parts, depth, start = [], 0, 0
+    for i, c in enumerate(text):
+        depth += {"[": 1, "]": -1}.get(c, 0)
+        if c == "," and depth == 0:
+            parts.append(text[start:i])
+            start = i + 1
+    return parts + [text[start:]]
 
 
 def select_cells(plan: Plan, only: dict[str, set[str]]) -> int:

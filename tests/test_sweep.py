@@ -21,7 +21,7 @@ import yaml
 
 from benchmarks.cli import main
 from benchmarks.grid import SweepConfigError, load_sweep
-from benchmarks.plan import plan_sweep, unresolved_run_id
+from benchmarks.plan import parse_only, plan_sweep, unresolved_run_id
 from benchmarks.run import Paths
 from benchmarks.sweep import run_sweep
 from benchmarks.sweep_outputs import rebuild_csv
@@ -354,6 +354,11 @@ def test_only_runs_a_slice_and_the_slices_make_the_whole_grid(tmp_path, runs, ca
     by_budget = tmp_path / "by-budget"
     run_sweep(load_sweep(grid), by_budget, paths, log=lambda s: None, only=["budget=1/class", "defense=none"])
     assert [r["config"]["defense"] for r in records_of(by_budget).values()] == ["none"]
+
+
+def test_only_values_split_on_commas_outside_a_labels_options():
+    only = parse_only(["defense=nft, nad[batch_size=256,lr=0.01],i-bau[lr=0.0001]", "seed=1,2"])
+    assert only == {"defense": {"nft", "nad[batch_size=256,lr=0.01]", "i-bau[lr=0.0001]"}, "seed": {"1", "2"}}
 
 
 def test_csv_is_rebuilt_from_records_only(tmp_path):
