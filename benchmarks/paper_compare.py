@@ -7,9 +7,9 @@ one clean budget, ``ok`` runs only) and writes two markdown tables:
   std over seeds, for the paper (``paper_table1_cifar10.json``; "n/r" where it reports no such cell) and each grade;
 - per defence, averaged over the attacks every grade measured for it: ASR after, ASR drop, clean-accuracy drop and
   DER (means over attacks of the per-attack seed means; DER's spread is over seeds, from the per-seed attack
-  means), each defence's rank by that DER in its grade, and its median wall time over NFT's on the same victim,
-  budget and seed; the paper column gives its Table 1 average over its 14 attacks (ASR drop / clean-accuracy drop),
-  which is not the same attack set and is marked so.
+  means), each defence's rank by that DER in its grade (among the defences measured on the most attacks), and its
+  median wall time over NFT's on the same victim, budget and seed; the paper column gives its Table 1 average over
+  its 14 attacks (ASR drop / clean-accuracy drop), which is not the same attack set and is marked so.
 
 Numbers come from the records alone; nothing here chooses anything.
 """
@@ -94,9 +94,14 @@ def summary_table(grades: dict[str, pd.DataFrame], paper: dict) -> str:
         if common:
             rows[d] = {g: per_defence(df[df["defense"] == d], common) | {"attacks": common}
                        for g, df in grades.items()}
-    for g in grades:  # rank by DER within each grade
-        order = sorted(rows, key=lambda d: -rows[d][g]["der_value"])
-        for rank, d in enumerate(order, 1):
+    # rank by DER within each grade, among the defences measured on the most attacks (a mean over other attacks
+    # is not comparable); the others get no rank
+    widest = max((len(next(iter(r.values()))["attacks"]) for r in rows.values()), default=0)
+    ranked = [d for d, r in rows.items() if len(next(iter(r.values()))["attacks"]) == widest]
+    for g in grades:
+        for d in rows:
+            rows[d][g]["rank"] = "-"
+        for rank, d in enumerate(sorted(ranked, key=lambda d: -rows[d][g]["der_value"]), 1):
             rows[d][g]["rank"] = rank
     head = ["defence", "attacks", f"paper ({paper['averages_over_attacks']} attacks): ASR drop / C-ACC drop"]
     for g in grades:

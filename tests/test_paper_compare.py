@@ -46,6 +46,17 @@ def test_tables_hold_the_paper_and_each_grade(grades):
                            "| 5.0 | 95.0 / 19.0 | 88.0 (1) | 6.00 |")
 
 
+def test_only_defences_measured_on_the_most_attacks_are_ranked(grades):
+    # the fast grade alone: NFT ran BadNets, Blend and SIG, ANP BadNets and Blend, FT (added here) Blend only;
+    # a mean over fewer attacks is not comparable, so only NFT gets a rank
+    write(grades["fast"] / "records", cifar_record("fast", "blend", "ft", 0, 0.97, 0.30, 20))
+    lines = build({"fast": grades["fast"]}).splitlines()
+    rows = {line.split(" | ")[0][2:]: line.split(" | ") for line in lines if line.startswith(("| nft |", "| anp |",
+                                                                                          "| ft |"))}
+    assert rows["nft"][1] == "badnets, blend, sig" and rows["nft"][5].endswith("(1)")
+    assert rows["anp"][5].endswith("(-)") and rows["ft"][5].endswith("(-)")
+
+
 def test_bad_grade_is_one_clear_error(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["--grade", f"empty={tmp_path}"])
