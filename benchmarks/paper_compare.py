@@ -87,29 +87,29 @@ def summary_table(grades: dict[str, pd.DataFrame], paper: dict) -> str:
     """Per defence: the paper's 14-attack averages and each grade's means over the attacks every grade measured."""
     averages = {a["defense"]: a for a in paper["averages"]}
     defences = sorted({d for df in grades.values() for d in df["defense"]}, key=defence_order)
-    rows: dict[str, dict[str, dict]] = {}
+    rows: dict[str, dict[str, dict]] = {}  # defence -> grade -> its means over `attacks[defence]`
+    attacks: dict[str, list[str]] = {}
     for d in defences:
         attack_sets = [set(df.loc[df["defense"] == d, "attack"]) for df in grades.values()]
         common = sorted(set.intersection(*attack_sets)) if all(attack_sets) else []
         if common:
-            rows[d] = {g: per_defence(df[df["defense"] == d], common) | {"attacks": common}
-                       for g, df in grades.items()}
+            attacks[d] = common
+            rows[d] = {g: per_defence(df[df["defense"] == d], common) for g, df in grades.items()}
     # rank by DER within each grade, among the defences measured on the most attacks (a mean over other attacks
     # is not comparable); the others get no rank
-    widest = max((len(next(iter(r.values()))["attacks"]) for r in rows.values()), default=0)
-    ranked = [d for d, r in rows.items() if len(next(iter(r.values()))["attacks"]) == widest]
+    widest = max(map(len, attacks.values()), default=0)
+    ranked = [d for d in rows if len(attacks[d]) == widest]
     for g in grades:
+        ranks = {d: i for i, d in enumerate(sorted(ranked, key=lambda d: -rows[d][g]["der_value"]), 1)}
         for d in rows:
-            rows[d][g]["rank"] = "-"
-        for rank, d in enumerate(sorted(ranked, key=lambda d: -rows[d][g]["der_value"]), 1):
-            rows[d][g]["rank"] = rank
+            rows[d][g]["rank"] = ranks.get(d, "-")
     head = ["defence", "attacks", f"paper ({paper['averages_over_attacks']} attacks): ASR drop / C-ACC drop"]
     for g in grades:
         head += [f"{g}: ASR after", f"{g}: ASR drop / C-ACC drop", f"{g}: DER (rank)", f"{g}: x NFT"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for d, by_grade in rows.items():
         a = averages.get(d)
-        row = [d, ", ".join(next(iter(by_grade.values()))["attacks"]),
+        row = [d, ", ".join(attacks[d]),
                f"{a['asr_drop']:.1f} / {a['clean_acc_drop']:.1f}" if a else "n/r"]
         for g in grades:
             m = by_grade[g]
