@@ -24,6 +24,7 @@ import pandas as pd
 
 from benchmarks.leaderboard import load_frame
 from benchmarks.leaderboard_plots import defence_order
+from benchmarks.plan import split_outside_brackets
 from benchmarks.site import load_paper
 from common.checkpoint import atomic_write_text
 
@@ -70,62 +71,110 @@ def per_attack_table(grades: dict[str, pd.DataFrame], paper: dict) -> str:
 
 
 def per_defence(df: pd.DataFrame, attacks: list[str]) -> dict[str, float | str]:
-    """Means over ``attacks`` of the per-attack seed means, DER's seed spread, and the median time over NFT's."""
+    """Means over ``attacks`` of the per-attack seed means, each with its spread over the seeds that ran every
+    attack (the sample std of the per-seed attack means), and the median time over NFT's."""
     g = df[df["attack"].isin(attacks)]
-    cell = g.groupby("attack")[["asr_after", "asr_drop", "clean_drop", "der"]].mean()
-    by_seed = g.groupby("seed").agg(der=("der", "mean"), n=("attack", "nunique"))
-    seeds = by_seed[by_seed["n"] == len(attacks)]["der"]
-    der = 100 * cell["der"].mean()
-    spread = f" ± {100 * seeds.std(ddof=1):.1f}" if len(seeds) >= 2 else ""
+    cols = ["asr_after", "asr_drop", "clean_drop", "der"]
+    cell = g.groupby("attack")[cols].mean()
+    by_seed = g.groupby("seed").agg(n=("attack", "nunique"), **{c: (c, "mean") for c in cols})
+    complete = by_seed[by_seed["n"] == len(attacks)]
+
+    def pm(col: str) -> str:
+        spread = f" ± {100 * complete[col].std(ddof=1):.1f}" if len(complete) >= 2 else ""
+        return f"{100 * cell[col].mean():.1f}{spread}"
+
     ratio = g["time_vs_nft"].median()
-    return {"asr": f"{100 * cell['asr_after'].mean():.1f}", "asr_drop": f"{100 * cell['asr_drop'].mean():.1f}",
-            "clean_drop": f"{100 * cell['clean_drop'].mean():.1f}", "der_value": der, "der": f"{der:.1f}{spread}",
+    return {"asr": pm("asr_after"), "asr_drop": f"{100 * cell['asr_drop'].mean():.1f}", "clean_drop": pm("clean_drop"),
+            "der_value": 100 * cell["der"].mean(), "der": pm("der"), "seeds": len(complete),
             "x_nft": "-" if math.isnan(ratio) else f"{ratio:.2f}"}
 
 
-def summary_table(grades: dict[str, pd.DataFrame], paper: dict) -> str:
-    """Per defence: the paper's 14-attack averages and each grade's means over the attacks every grade measured."""
-    averages = {a["defense"]: a for a in paper["averages"]}
+def defence_rows(grades: dict[str, pd.DataFrame]) -> tuple[dict[str, dict[str, dict]], dict[str, list[str]]]:
+    """defence -> grade -> :func:`per_defence` over the attacks every grade that ran the defence measured for it
+    (with its DER rank in the grade), and defence -> those attacks."""
     defences = sorted({d for df in grades.values() for d in df["defense"]}, key=defence_order)
-    rows: dict[str, dict[str, dict]] = {}  # defence -> grade -> its means over `attacks[defence]`
+    rows: dict[str, dict[str, dict]] = {}
     attacks: dict[str, list[str]] = {}
     for d in defences:
-        attack_sets = [set(df.loc[df["defense"] == d, "attack"]) for df in grades.values()]
-        common = sorted(set.intersection(*attack_sets)) if all(attack_sets) else []
-        if common:
-            attacks[d] = common
-            rows[d] = {g: per_defence(df[df["defense"] == d], common) for g, df in grades.items()}
-    # rank by DER within each grade, among the defences measured on the most attacks (a mean over other attacks
-    # is not comparable); the others get no rank
-    widest = max(map(len, attacks.values()), default=0)
-    ranked = [d for d in rows if len(attacks[d]) == widest]
+        present = {g: df[df["defense"] == d] for g, df in grades.items() if (df["defense"] == d).any()}
+        attacks[d] = sorted(set.intersection(*(set(df["attack"]) for df in present.values())))
+        if attacks[d]:
+            rows[d] = {g: per_defence(df, attacks[d]) for g, df in present.items()}
+    # rank by DER within each grade, among the defences every grade measured on the most attacks (a mean over
+    # other attacks is not comparable); the others get no rank
+    everywhere = [d for d in rows if len(rows[d]) == len(grades)]
+    widest = max((len(attacks[d]) for d in everywhere), default=0)
+    ranked = [d for d in everywhere if len(attacks[d]) == widest]
     for g in grades:
         ranks = {d: i for i, d in enumerate(sorted(ranked, key=lambda d: -rows[d][g]["der_value"]), 1)}
         for d in rows:
-            rows[d][g]["rank"] = ranks.get(d, "-")
+            if g in rows[d]:
+                rows[d][g]["rank"] = ranks.get(d, "-")
+    return rows, {d: attacks[d] for d in rows}
+
+
+def _paper_average(paper: dict, defence: str) -> str:
+    a = {a["defense"]: a for a in paper["averages"]}.get(defence)
+    return f"{a['asr_drop']:.1f} / {a['clean_acc_drop']:.1f}" if a else "n/r"
+
+
+def summary_table(grades: dict[str, pd.DataFrame], paper: dict) -> str:
+    """Per defence: the paper's 14-attack averages and each grade's means over the attacks every grade that ran
+    the defence measured ("-" in a grade that did not run it)."""
+    rows, attacks = defence_rows(grades)
     head = ["defence", "attacks", f"paper ({paper['averages_over_attacks']} attacks): ASR drop / C-ACC drop"]
     for g in grades:
         head += [f"{g}: ASR after", f"{g}: ASR drop / C-ACC drop", f"{g}: DER (rank)", f"{g}: x NFT"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for d, by_grade in rows.items():
-        a = averages.get(d)
-        row = [d, ", ".join(attacks[d]),
-               f"{a['asr_drop']:.1f} / {a['clean_acc_drop']:.1f}" if a else "n/r"]
+        row = [d, ", ".join(attacks[d]), _paper_average(paper, d)]
         for g in grades:
-            m = by_grade[g]
-            row += [m["asr"], f"{m['asr_drop']} / {m['clean_drop']}", f"{m['der']} ({m['rank']})", m["x_nft"]]
+            m = by_grade.get(g)
+            row += ([m["asr"], f"{m['asr_drop']} / {m['clean_drop']}", f"{m['der']} ({m['rank']})", m["x_nft"]]
+                    if m else ["-"] * 4)
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 
 
-def build(grades: dict[str, str | Path], budget: str = "0.01") -> str:
-    """Both tables as markdown, with the paper's source and the folders read."""
+def headline_table(grades: dict[str, pd.DataFrame], paper: dict, defences: list[str]) -> str:
+    """The README's table: for ``defences`` in that order, the paper's averages beside each grade's ASR after and
+    C-ACC drop (mean ± std over seeds, seed count) and DER rank, all over the attacks the first defence has in
+    every grade ("-" where a defence did not run them all)."""
+    rows, attacks = defence_rows(grades)
+    missing = [d for d in defences if d not in rows]
+    if missing:
+        raise ValueError(f"--headline {','.join(missing)}: not measured in any grade; measured: {', '.join(rows)}")
+    base = attacks[defences[0]]
+    head = ["defence", f"paper ({paper['averages_over_attacks']} attacks): ASR drop / C-ACC drop"]
+    head += [f"{g} ({', '.join(base)}): ASR after / C-ACC drop (seeds), DER rank" for g in grades]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for d in defences:
+        cells = []
+        for g, df in grades.items():
+            runs = df[df["defense"] == d]
+            if attacks[d] == base and g in rows[d]:
+                m = rows[d][g]
+            elif set(base) <= set(runs["attack"]):
+                m = {**per_defence(runs, base), "rank": "-"}  # ranked over another attack set
+            else:
+                cells.append("-")
+                continue
+            cells.append(f"{m['asr']} / {m['clean_drop']} ({m['seeds']}), {m['rank']}")
+        lines.append("| " + " | ".join([d, _paper_average(paper, d), *cells]) + " |")
+    return "\n".join(lines)
+
+
+def build(grades: dict[str, str | Path], budget: str = "0.01", headline: list[str] | None = None) -> str:
+    """Both tables as markdown, with the paper's source and the folders read; with ``headline`` (defence labels),
+    the README's short table alone."""
     paper = load_paper()
     frames = {label: measured_runs(folder, budget) for label, folder in grades.items()}
     empty = [label for label, df in frames.items() if df.empty]
     if empty:
         raise ValueError(f"no ok CIFAR-10 runs at budget {budget} in grade(s) {', '.join(empty)}: "
                          "give folders holding records/ of cifar10 sweeps")
+    if headline:
+        return headline_table(frames, paper, headline)
     read = ", ".join(f"{label} = `{folder}`" for label, folder in grades.items())
     return "\n".join([
         f"Paper: {paper['source']}. {paper['setting']}", "",
@@ -140,6 +189,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--grade", action="append", required=True, metavar="LABEL=DIR", help=GRADE_HELP)
     p.add_argument("--budget", default="0.01", help="clean budget of the runs compared (default 0.01)")
     p.add_argument("--out", default=None, help="write the markdown here as well as printing it")
+    p.add_argument("--headline", default=None, metavar="DEFENCES",
+                   help="only the README's short table, for these defence labels in this order "
+                        "(e.g. nft,nft[mixup=False],anp)")
     args = p.parse_args(argv)
     grades = {}
     for spec in args.grade:
@@ -148,7 +200,7 @@ def main(argv: list[str] | None = None) -> None:
             p.error(f"--grade {spec!r}: give LABEL=RESULTS_DIR")
         grades[label] = folder
     try:
-        text = build(grades, args.budget)
+        text = build(grades, args.budget, args.headline and split_outside_brackets(args.headline))
     except (ValueError, FileNotFoundError) as e:
         p.exit(2, f"paper_compare: {e}\n")
     if args.out:

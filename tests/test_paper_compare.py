@@ -40,9 +40,9 @@ def test_tables_hold_the_paper_and_each_grade(grades):
     # per defence, over BadNets (the one attack both grades ran): DER = (1 - ASR - C-ACC drop + 1) / 2 per run,
     # spread over seeds; ANP's time over NFT's per victim and seed is 6 and 4 on fast (median 5), 6 on quick
     rows = {line.split(" | ")[0][2:]: line for line in lines if line.startswith(("| nft |", "| anp |"))}
-    assert rows["nft"] == ("| nft | badnets | 95.6 / 1.8 | 3.0 | 97.0 / 3.0 | 97.0 ± 1.4 (1) | 1.00 "
+    assert rows["nft"] == ("| nft | badnets | 95.6 / 1.8 | 3.0 ± 1.4 | 97.0 / 3.0 ± 1.4 | 97.0 ± 1.4 (1) | 1.00 "
                            "| 60.0 | 40.0 / 9.0 | 65.5 (2) | 1.00 |")
-    assert rows["anp"] == ("| anp | badnets | 92.6 / 5.9 | 15.0 | 85.0 / 8.0 | 88.5 ± 2.8 (2) | 5.00 "
+    assert rows["anp"] == ("| anp | badnets | 92.6 / 5.9 | 15.0 ± 7.1 | 85.0 / 8.0 ± 1.4 | 88.5 ± 2.8 (2) | 5.00 "
                            "| 5.0 | 95.0 / 19.0 | 88.0 (1) | 6.00 |")
 
 
@@ -55,6 +55,22 @@ def test_only_defences_measured_on_the_most_attacks_are_ranked(grades):
                                                                                           "| ft |"))}
     assert rows["nft"][1] == "badnets, blend, sig" and rows["nft"][5].endswith("(1)")
     assert rows["anp"][5].endswith("(-)") and rows["ft"][5].endswith("(-)")
+
+
+def test_headline_table_gives_the_named_defences_in_order(grades, capsys):
+    main(["--grade", f"fast={grades['fast']}", "--grade", f"quick={grades['quick']}", "--headline", "anp,nft"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == ("| defence | paper (14 attacks): ASR drop / C-ACC drop | fast (badnets): ASR after / C-ACC "
+                        "drop (seeds), DER rank | quick (badnets): ASR after / C-ACC drop (seeds), DER rank |")
+    assert lines[2:] == ["| anp | 92.6 / 5.9 | 15.0 ± 7.1 / 8.0 ± 1.4 (2), 2 | 5.0 / 19.0 (1), 1 |",
+                         "| nft | 95.6 / 1.8 | 3.0 ± 1.4 / 3.0 ± 1.4 (2), 1 | 60.0 / 9.0 (1), 2 |"]
+    # on the fast grade alone the first defence (ANP) sets the attacks: NFT's SIG run is left out, and NFT, ranked
+    # over BadNets, Blend and SIG in the full table, gets no rank here; seed 1 has no Blend run, so no spread
+    main(["--grade", f"fast={grades['fast']}", "--headline", "anp,nft"])
+    assert capsys.readouterr().out.splitlines()[-1] == "| nft | 95.6 / 1.8 | 26.5 / 3.0 (1), - |"
+    with pytest.raises(SystemExit) as e:
+        main(["--grade", f"fast={grades['fast']}", "--grade", f"quick={grades['quick']}", "--headline", "nft,sau"])
+    assert e.value.code == 2 and "--headline sau: not measured in any grade" in capsys.readouterr().err
 
 
 def test_bad_grade_is_one_clear_error(tmp_path, capsys):
