@@ -145,8 +145,8 @@ def headline_table(grades: dict[str, pd.DataFrame], paper: dict, defences: list[
     if missing:
         raise ValueError(f"--headline {','.join(missing)}: not measured in any grade; measured: {', '.join(rows)}")
     base = attacks[defences[0]]
-    head = ["defence", f"paper ({paper['averages_over_attacks']} attacks): ASR drop / C-ACC drop"]
-    head += [f"{g} ({', '.join(base)}): ASR after / C-ACC drop (seeds), DER rank" for g in grades]
+    head = [f"defence ({', '.join(base)})", f"paper ({paper['averages_over_attacks']} attacks): ASR drop / C-ACC drop"]
+    head += [f"{g}: ASR after / C-ACC drop (seeds), DER rank" for g in grades]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for d in defences:
         cells = []

@@ -35,9 +35,10 @@ def suite_precision(monkeypatch):
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 # What the digits attack tests hold a victim to, from the measured spread: each attack's seed-0..2 victims in fp32 and
-# bf16 and its seed-0 victim at 2 threads (README Development; tests/test_victim_seeds.py re-checks seeds 1-2). A
-# change of precision or thread count moves a victim as far as a change of seed, so a floor sits at least 0.1 under
-# the lowest ASR measured: 0.975 for every attack not listed (WaNet), and beside each one listed.
+# bf16 and its seed-0 victim at 2 threads (tests/test_victim_seeds.py re-checks seeds 1-2). A change of precision or
+# thread count moves a victim as far as a change of seed (CLB's seed-0 ASR: 0.81 fp32, 0.92 fp32 at 2 threads, 0.64
+# bf16 at 2 threads), so a floor sits at least 0.1 under the lowest ASR measured: 0.975 for every attack not listed
+# (WaNet), and beside each one listed.
 ASR_FLOORS = {"sig": 0.5, "clb": 0.75, "cba": 0.8, "input-aware": 0.8}  # lowest: 0.656 (bf16 s1), 0.897, 0.926, 0.922
 DEFAULT_ASR_FLOOR = 0.85
 # Clean accuracy: at most 3.1 points under the benign model of the same seed and precision (CBA, WaNet), so a victim

@@ -60,8 +60,8 @@ def test_only_defences_measured_on_the_most_attacks_are_ranked(grades):
 def test_headline_table_gives_the_named_defences_in_order(grades, capsys):
     main(["--grade", f"fast={grades['fast']}", "--grade", f"quick={grades['quick']}", "--headline", "anp,nft"])
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0] == ("| defence | paper (14 attacks): ASR drop / C-ACC drop | fast (badnets): ASR after / C-ACC "
-                        "drop (seeds), DER rank | quick (badnets): ASR after / C-ACC drop (seeds), DER rank |")
+    assert lines[0] == ("| defence (badnets) | paper (14 attacks): ASR drop / C-ACC drop | fast: ASR after / C-ACC "
+                        "drop (seeds), DER rank | quick: ASR after / C-ACC drop (seeds), DER rank |")
     assert lines[2:] == ["| anp | 92.6 / 5.9 | 15.0 ± 7.1 / 8.0 ± 1.4 (2), 2 | 5.0 / 19.0 (1), 1 |",
                          "| nft | 95.6 / 1.8 | 3.0 ± 1.4 / 3.0 ± 1.4 (2), 1 | 60.0 / 9.0 (1), 2 |"]
     # on the fast grade alone the first defence (ANP) sets the attacks: NFT's SIG run is left out, and NFT, ranked
