@@ -164,6 +164,18 @@ def headline_table(grades: dict[str, pd.DataFrame], paper: dict, defences: list[
     return "\n".join(lines)
 
 
+def rank_agreement(grades: dict[str, pd.DataFrame]) -> str:
+    """Spearman's rho between the first grade's DER ranks and each other grade's, over the defences ranked in all."""
+    rows, _ = defence_rows(grades)
+    ranked = [d for d in rows if all(isinstance(rows[d][g]["rank"], int) for g in grades)]
+    first, *others = grades
+    if not others or len(ranked) < 3:
+        return ""
+    ranks = pd.DataFrame({g: [rows[d][g]["rank"] for d in ranked] for g in grades})
+    rhos = ", ".join(f"{first} vs {g}: ρ = {ranks[first].corr(ranks[g], method='spearman'):.2f}" for g in others)
+    return f"DER rank agreement (Spearman, over the {len(ranked)} defences ranked in every grade): {rhos}."
+
+
 def build(grades: dict[str, str | Path], budget: str = "0.01", headline: list[str] | None = None) -> str:
     """Both tables as markdown, with the paper's source and the folders read; with ``headline`` (defence labels),
     the README's short table alone."""
@@ -180,7 +192,7 @@ def build(grades: dict[str, str | Path], budget: str = "0.01", headline: list[st
         f"Paper: {paper['source']}. {paper['setting']}", "",
         f"Measured ({read}), clean budget {budget}; ASR after and C-ACC drop in %, mean ± std over seeds; "
         "n/r: the paper reports no such cell.", "",
-        "### Per defence", "", summary_table(frames, paper), "",
+        "### Per defence", "", summary_table(frames, paper), "", rank_agreement(frames), "",
         "### Per attack and defence", "", per_attack_table(frames, paper), ""])
 
 

@@ -46,6 +46,17 @@ def test_tables_hold_the_paper_and_each_grade(grades):
                            "| 5.0 | 95.0 / 19.0 | 88.0 (1) | 6.00 |")
 
 
+def test_rank_agreement_between_grades(grades):
+    # three defences ranked in both grades; FT (added) swaps places with NFT and ANP keeps its own: ranks fast
+    # (nft 1, anp 2, ft 3) against quick (nft 3, anp 2, ft 1) give rho = -1
+    write(grades["fast"] / "records", cifar_record("fast", "badnets", "ft", 0, 0.50, 0.50, 20))
+    write(grades["quick"] / "records", cifar_record("quick", "badnets", "ft", 0, 0.98, 0.0, 20))
+    lines = build({"fast": grades["fast"], "quick": grades["quick"]}).splitlines()
+    assert ("DER rank agreement (Spearman, over the 3 defences ranked in every grade): fast vs quick: ρ = -1.00."
+            in lines)
+    assert not any(line.startswith("DER rank agreement") for line in build({"fast": grades["fast"]}).splitlines())
+
+
 def test_only_defences_measured_on_the_most_attacks_are_ranked(grades):
     # the fast grade alone: NFT ran BadNets, Blend and SIG, ANP BadNets and Blend, FT (added here) Blend only;
     # a mean over fewer attacks is not comparable, so only NFT gets a rank
