@@ -17,13 +17,15 @@ from pathlib import Path
 
 from PIL import Image
 
+from tasks.image_folder import IMAGE_SUFFIXES
+
 
 def reencode(src: Path, dst: Path, quality: int) -> int:
-    """Every ``*.jpg``/``*.png`` under ``src`` re-encoded at ``quality`` into the same relative path under ``dst``;
-    returns the number of images written."""
-    files = sorted(p for p in src.rglob("*") if p.suffix.lower() in {".jpg", ".jpeg", ".png"})
+    """Every image under ``src`` (the suffixes the image-folder loader reads) re-encoded at ``quality`` into the
+    same relative path under ``dst``, as ``.jpg``; returns the number of images written."""
+    files = sorted(p for p in src.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
-        raise ValueError(f"no .jpg/.png images under {src}: pass the dataset folder holding train/ and test/")
+        raise ValueError(f"no images under {src}: pass the dataset folder holding train/ and test/")
     for p in files:
         out = (dst / p.relative_to(src)).with_suffix(".jpg")
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -89,7 +89,10 @@ def per_defence(df: pd.DataFrame, attacks: list[str]) -> dict[str, float | str]:
             "x_nft": "-" if math.isnan(ratio) else f"{ratio:.2f}"}
 
 
-def defence_rows(grades: dict[str, pd.DataFrame]) -> tuple[dict[str, dict[str, dict]], dict[str, list[str]]]:
+Rows = tuple[dict[str, dict[str, dict]], dict[str, list[str]]]  # what defence_rows returns
+
+
+def defence_rows(grades: dict[str, pd.DataFrame]) -> Rows:
     """defence -> grade -> :func:`per_defence` over the attacks every grade that ran the defence measured for it
     (with its DER rank in the grade), and defence -> those attacks."""
     defences = sorted({d for df in grades.values() for d in df["defense"]}, key=defence_order)
@@ -118,10 +121,10 @@ def _paper_average(paper: dict, defence: str) -> str:
     return f"{a['asr_drop']:.1f} / {a['clean_acc_drop']:.1f}" if a else "n/r"
 
 
-def summary_table(grades: dict[str, pd.DataFrame], paper: dict) -> str:
+def summary_table(grades: dict[str, pd.DataFrame], paper: dict, computed: Rows) -> str:
     """Per defence: the paper's 14-attack averages and each grade's means over the attacks every grade that ran
-    the defence measured ("-" in a grade that did not run it)."""
-    rows, attacks = defence_rows(grades)
+    the defence measured ("-" in a grade that did not run it); ``computed`` is :func:`defence_rows`'s result."""
+    rows, attacks = computed
     head = ["defence", "attacks", f"paper ({paper['averages_over_attacks']} attacks): ASR drop / C-ACC drop"]
     for g in grades:
         head += [f"{g}: ASR after", f"{g}: ASR drop / C-ACC drop", f"{g}: DER (rank)", f"{g}: x NFT"]
@@ -164,9 +167,10 @@ def headline_table(grades: dict[str, pd.DataFrame], paper: dict, defences: list[
     return "\n".join(lines)
 
 
-def rank_agreement(grades: dict[str, pd.DataFrame]) -> str:
-    """Spearman's rho between the first grade's DER ranks and each other grade's, over the defences ranked in all."""
-    rows, _ = defence_rows(grades)
+def rank_agreement(grades: dict[str, pd.DataFrame], computed: Rows) -> str:
+    """Spearman's rho between the first grade's DER ranks and each other grade's, over the defences ranked in all
+    (ranks from ``computed``, :func:`defence_rows`'s result)."""
+    rows, _ = computed
     ranked = [d for d in rows if all(isinstance(rows[d][g]["rank"], int) for g in grades)]
     first, *others = grades
     if not others or len(ranked) < 3:
@@ -188,11 +192,12 @@ def build(grades: dict[str, str | Path], budget: str = "0.01", headline: list[st
     if headline:
         return headline_table(frames, paper, headline)
     read = ", ".join(f"{label} = `{folder}`" for label, folder in grades.items())
+    computed = defence_rows(frames)
     return "\n".join([
         f"Paper: {paper['source']}. {paper['setting']}", "",
         f"Measured ({read}), clean budget {budget}; ASR after and C-ACC drop in %, mean ± std over seeds; "
         "n/r: the paper reports no such cell.", "",
-        "### Per defence", "", summary_table(frames, paper), "", rank_agreement(frames), "",
+        "### Per defence", "", summary_table(frames, paper, computed), "", rank_agreement(frames, computed), "",
         "### Per attack and defence", "", per_attack_table(frames, paper), ""])
 
 
