@@ -171,7 +171,7 @@ def rank_agreement(grades: dict[str, pd.DataFrame], computed: Rows) -> str:
     """Spearman's rho between the first grade's DER ranks and each other grade's, over the defences ranked in all
     (ranks from ``computed``, :func:`defence_rows`'s result)."""
     rows, _ = computed
-    ranked = [d for d in rows if all(isinstance(rows[d][g]["rank"], int) for g in grades)]
+    ranked = [d for d in rows if all(g in rows[d] and isinstance(rows[d][g]["rank"], int) for g in grades)]
     first, *others = grades
     if not others or len(ranked) < 3:
         return ""
