@@ -1,0 +1,226 @@
+"""Where a backdoor sits among the masked neurons, and whether a mask defence turns those neurons down.
+
+A diagnostic for a saved image victim, not a defence: it reads the attacker's triggered test images, so nothing in
+the suite selects or tunes with it. For every neuron a mask defence masks (the task's ``mask_target``, e.g. each BN
+channel), its **trigger response** is the mean change of its output, averaged over positions, when the trigger is
+added to a test image of a non-target class, in units of that output's spread over the clean images. Then:
+
+- **oracle pruning**: zero the k most trigger-responsive neurons (as ANP prunes: the scale set to 0) and evaluate,
+  for each k; if a few neurons carry the backdoor, a neuron mask can remove it;
+- per defence (default options, the run's clean split): its mask on each neuron, read as the masked tensor after
+  the defence over before (NFT's soft mask folded in, ANP's pruning as 0), the mean mask on the top-k responders
+  against the rest, how many of them end below 0.5, and the rank correlation of response with 1 - mask.
+
+    python -m benchmarks.neuron_probe runs/victims/<id> --defenses nft,anp --data-root ../shared/data \\
+        --out results/cifar10-fast/neuron-probe/<attack>.json
+
+``--defenses`` takes registered names, each optionally with options: ``nft[mixup=False]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from attacks import Attack
+from benchmarks.cli import parse_params
+from benchmarks.plan import split_outside_brackets
+from benchmarks.run import Paths, defend, load_victim
+from defenses.masking import neuron_modules
+from tasks.base import CleanBudget, Task
+from tasks.image_classification import to_float, to_uint8
+
+ORACLE_K = (8, 16, 32, 64, 128)
+
+
+def parse_defense(spec: str) -> tuple[str, dict[str, Any]]:
+    """``name`` or ``name[key=value,...]`` (values read as YAML, as ``nftbench run --set``) -> (name, options)."""
+    name, _, rest = spec.partition("[")
+    if rest and not rest.endswith("]"):
+        raise ValueError(f"bad defence spec {spec!r}: write name[key=value,...]")
+    return name, parse_params([i for i in split_outside_brackets(rest[:-1]) if i], flag=f"defence spec {spec!r}:")
+
+
+def masked_tensors(model: nn.Module, target: str) -> list[tuple[str, Tensor]]:
+    """(layer name, the tensor a neuron mask scales, one row per neuron) for every masked layer, in module order."""
+    exclude = set(getattr(model, "mask_exclude", ()))
+    out = []
+    for name, module, channels, tensors in neuron_modules(model, target, exclude):
+        w = getattr(module, tensors[0]).detach().float()
+        out.append((name, w.reshape(channels, -1).mean(1) if w.dim() > 1 else w.reshape(channels)))
+    return out
+
+
+@torch.no_grad()
+def trigger_response(task: Task, model: nn.Module, attack: Attack, images: int) -> tuple[list[str], Tensor]:
+    """Per masked neuron (flattened in module order): mean(triggered - clean output) / std(clean output)."""
+    exclude = set(getattr(model, "mask_exclude", ()))
+    layers = [(name, module) for name, module, _, _ in neuron_modules(model, task.mask_target, exclude)]
+    seen: dict[str, Tensor] = {}
+    hooks = [m.register_forward_hook(lambda _m, _i, out, n=n: seen.__setitem__(n, out.float().flatten(2).mean(2)))
+             for n, m in layers]
+    clean_out: dict[str, list[Tensor]] = {n: [] for n, _ in layers}
+    delta: dict[str, list[Tensor]] = {n: [] for n, _ in layers}
+    model.eval()
+    try:
+        count = 0
+        for b in task.iter_batches(task.test):
+            x = b.inputs[attack.counts_for_asr(b.targets)]
+            triggered, _, _ = attack.triggered_test(b.inputs, b.targets, task.num_classes)
+            if len(triggered) != len(x):
+                raise ValueError(f"{attack.name} does not trigger test images one to one; the probe needs pairs")
+            x, triggered = x[: images - count], triggered[: images - count]
+            if not len(x):
+                continue
+            task.predict(model, x)
+            clean = dict(seen)
+            task.predict(model, to_float(to_uint8(triggered)))
+            for n, _ in layers:
+                clean_out[n].append(clean[n])
+                delta[n].append(seen[n] - clean[n])
+            count += len(x)
+            if count >= images:
+                break
+    finally:
+        for h in hooks:
+            h.remove()
+    scores = [torch.cat(delta[n]).mean(0) / torch.cat(clean_out[n]).std(0).clamp_min(1e-6) for n, _ in layers]
+    return [n for n, _ in layers], torch.cat(scores).cpu()
+
+
+def ranks(v: Tensor) -> Tensor:
+    return v.argsort().argsort().float()
+
+
+def spearman(a: Tensor, b: Tensor) -> float:
+    ra, rb = ranks(a), ranks(b)
+    return float(torch.corrcoef(torch.stack([ra, rb]))[0, 1])
+
+
+@torch.no_grad()
+def pruned_copy(model: nn.Module, target: str, order: Tensor, k: int) -> nn.Module:
+    """A copy of ``model`` with the scale of the ``k`` first neurons of ``order`` (flat indices) set to 0."""
+    pruned = copy.deepcopy(model)
+    chosen = set(order[:k].tolist())
+    offset = 0
+    for _, module, channels, tensors in neuron_modules(pruned, target, set(getattr(pruned, "mask_exclude", ()))):
+        for t in tensors:
+            w = getattr(module, t)
+            repeat = w.shape[0] // channels
+            for c in range(channels):
+                if offset + c in chosen:
+                    w[c * repeat:(c + 1) * repeat] = 0.0
+        offset += channels
+    return pruned
+
+
+def probe(victim_dir: str | Path, defenses: list[str], paths: Paths, budget: CleanBudget, seed: int,
+          images: int = 2000) -> dict[str, Any]:
+    """The probe's report for one victim (see the module docstring)."""
+    task, attack, model, meta = load_victim(victim_dir, paths)
+    if attack is None:
+        raise ValueError(f"{victim_dir} is a benign model: the probe needs a backdoored victim")
+    names, score = trigger_response(task, model, attack, images)
+    sizes = [len(w) for _, w in masked_tensors(model, task.mask_target)]
+    layer_of = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
+    order = score.argsort(descending=True)
+    report: dict[str, Any] = {
+        "victim": meta["victim_id"], "attack": attack.name, "seed": meta["config"]["seed"],
+        "mask_target": task.mask_target, "neurons": len(score), "layers": dict(zip(names, sizes, strict=True)),
+        "response_images": images, "before": meta["metrics"],
+        "top_responders_per_layer": {names[int(l)]: int((layer_of[order[:64]] == l).sum()) for l in
+                                     layer_of[order[:64]].unique()},
+        "response_top": [round(float(s), 3) for s in score[order[:16]]],
+        "oracle_pruning": {str(k): task.evaluate(pruned_copy(model, task.mask_target, order, k), attack)
+                           for k in ORACLE_K},
+        "defenses": {},
+    }
+    before = torch.cat([w for _, w in masked_tensors(model, task.mask_target)])
+    for spec in defenses:
+        name, options = parse_defense(spec)
+        record, purified = defend(task, attack, copy.deepcopy(model), meta, name, options, budget, seed)
+        if purified is None:
+            raise RuntimeError(f"{spec} failed on {victim_dir}: {record.get('error')}")
+        after = torch.cat([w for _, w in masked_tensors(purified, task.mask_target)])
+        mask = torch.where(before.abs() > 1e-12, after / before, torch.ones_like(after))
+        top = {}
+        for k in ORACLE_K:
+            sel = torch.zeros(len(mask), dtype=torch.bool)
+            sel[order[:k]] = True
+            top[str(k)] = {"mean_mask_top": round(float(mask[sel].mean()), 4),
+                           "mean_mask_rest": round(float(mask[~sel].mean()), 4),
+                           "top_below_0.5": int((mask[sel] < 0.5).sum())}
+        report["defenses"][spec] = {
+            "after": record["after"], "wall_time_s": record["defense_info"]["wall_time_s"],
+            "below_0.5": int((mask < 0.5).sum()), "neurons_pruned": record["defense_info"].get("neurons_pruned"),
+            "spearman_response_vs_1_minus_mask": round(spearman(score, 1 - mask), 4),
+            "top_k": top,
+        }
+    return report
+
+
+def markdown(reports: list[dict[str, Any]], k: int = 16) -> str:
+    """Two tables over probe reports: oracle pruning per k, and each defence's masks on the top-``k`` responders."""
+    def pct(m: dict[str, float]) -> str:
+        return f"{100 * m['clean_acc']:.1f} / {100 * m['asr']:.1f}"
+
+    ks = list(reports[0]["oracle_pruning"])
+    lines = ["| attack | victim | " + " | ".join(f"top {n} pruned" for n in ks) + " |", "|---|---|" + "---|" * len(ks)]
+    for r in reports:
+        lines.append(f"| {r['attack']} | {pct(r['before'])} | "
+                     + " | ".join(pct(r["oracle_pruning"][n]) for n in ks) + " |")
+    lines += ["", f"| attack | defence | after | masks < 0.5 | top-{k} responders: mean mask (rest) | top-{k} < 0.5 "
+              "| Spearman (response, 1 - mask) |", "|---|---|---|---|---|---|---|"]
+    for r in reports:
+        for spec, d in r["defenses"].items():
+            t = d["top_k"][str(k)]
+            lines.append(f"| {r['attack']} | {spec} | {pct(d['after'])} | {d['below_0.5']} | "
+                         f"{t['mean_mask_top']:.3f} ({t['mean_mask_rest']:.3f}) | {t['top_below_0.5']} | "
+                         f"{d['spearman_response_vs_1_minus_mask']:.2f} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.neuron_probe", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("victim", nargs="?", help="a victim directory (victim.json + model.safetensors)")
+    ap.add_argument("--table", nargs="+", type=Path, metavar="REPORT",
+                    help="instead of probing: print the markdown tables of these report JSONs")
+    ap.add_argument("--defenses", default="nft", help="comma-separated; options in brackets: nft[mixup=False]")
+    ap.add_argument("--val-frac", type=float, default=None, help="clean fraction the defences get (default 0.01)")
+    ap.add_argument("--per-class", type=int, default=None, help="or clean images per class")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--images", type=int, default=2000, help="test images the trigger response is measured on")
+    ap.add_argument("--data-root", default=None)
+    ap.add_argument("--runs-dir", default="runs")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--out", type=Path, default=None, help="write the report here as JSON (else print it)")
+    args = ap.parse_args(argv)
+    if args.table:
+        print(markdown([json.loads(p.read_text()) for p in args.table]))
+        return
+    if args.victim is None:
+        ap.error("give a victim directory (or --table REPORT...)")
+    specs = [s.strip() for s in split_outside_brackets(args.defenses) if s.strip()]
+    for s in specs:
+        parse_defense(s)  # a bad spec fails before any work
+    paths = Paths(runs_dir=args.runs_dir, data_root=args.data_root, device=args.device)
+    budget = (CleanBudget(fraction=None, per_class=args.per_class) if args.per_class is not None
+              else CleanBudget(fraction=0.01 if args.val_frac is None else args.val_frac))
+    report = probe(args.victim, specs, paths, budget, args.seed, args.images)
+    text = json.dumps(report, indent=1)
+    if args.out is None:
+        print(text)
+    else:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
