@@ -5,8 +5,8 @@ the suite selects or tunes with it. For every neuron a mask defence masks (the t
 channel), its **trigger response** is the mean change of its output, averaged over positions, when the trigger is
 added to a test image of a non-target class, in units of that output's spread over the clean images. Then:
 
-- **oracle pruning**: zero the k most trigger-responsive neurons (as ANP prunes: the scale set to 0) and evaluate,
-  for each k; if a few neurons carry the backdoor, a neuron mask can remove it;
+- **oracle masks**: scale the k most trigger-responsive neurons by s and evaluate, for each k and s (s = 0 prunes,
+  as ANP does); if a few neurons carry the backdoor, a neuron mask can remove it, and s says how far down it must go;
 - per defence (default options, the run's clean split): its mask on each neuron, read as the masked tensor after
   the defence over before (NFT's soft mask folded in, ANP's pruning as 0), the mean mask on the top-k responders
   against the rest, how many of them end below 0.5, and the rank correlation of response with 1 - mask.
@@ -37,6 +37,7 @@ from tasks.base import CleanBudget, Task
 from tasks.image_classification import to_float, to_uint8
 
 ORACLE_K = (8, 16, 32, 64, 128)
+ORACLE_SCALES = (0.0, 0.25, 0.5)
 
 
 def parse_defense(spec: str) -> tuple[str, dict[str, Any]]:
@@ -104,8 +105,8 @@ def spearman(a: Tensor, b: Tensor) -> float:
 
 
 @torch.no_grad()
-def pruned_copy(model: nn.Module, target: str, order: Tensor, k: int) -> nn.Module:
-    """A copy of ``model`` with the scale of the ``k`` first neurons of ``order`` (flat indices) set to 0."""
+def scaled_copy(model: nn.Module, target: str, order: Tensor, k: int, scale: float = 0.0) -> nn.Module:
+    """A copy of ``model`` with the scale of the ``k`` first neurons of ``order`` (flat indices) times ``scale``."""
     pruned = copy.deepcopy(model)
     chosen = set(order[:k].tolist())
     offset = 0
@@ -115,7 +116,7 @@ def pruned_copy(model: nn.Module, target: str, order: Tensor, k: int) -> nn.Modu
             repeat = w.shape[0] // channels
             for c in range(channels):
                 if offset + c in chosen:
-                    w[c * repeat:(c + 1) * repeat] = 0.0
+                    w[c * repeat:(c + 1) * repeat] *= scale
         offset += channels
     return pruned
 
@@ -137,8 +138,8 @@ def probe(victim_dir: str | Path, defenses: list[str], paths: Paths, budget: Cle
         "top_responders_per_layer": {names[int(l)]: int((layer_of[order[:64]] == l).sum()) for l in
                                      layer_of[order[:64]].unique()},
         "response_top": [round(float(s), 3) for s in score[order[:16]]],
-        "oracle_pruning": {str(k): task.evaluate(pruned_copy(model, task.mask_target, order, k), attack)
-                           for k in ORACLE_K},
+        "oracle": {str(s): {str(k): task.evaluate(scaled_copy(model, task.mask_target, order, k, s), attack)
+                            for k in ORACLE_K} for s in ORACLE_SCALES},
         "defenses": {},
     }
     before = torch.cat([w for _, w in masked_tensors(model, task.mask_target)])
@@ -166,15 +167,18 @@ def probe(victim_dir: str | Path, defenses: list[str], paths: Paths, budget: Cle
 
 
 def markdown(reports: list[dict[str, Any]], k: int = 16) -> str:
-    """Two tables over probe reports: oracle pruning per k, and each defence's masks on the top-``k`` responders."""
+    """Two tables over probe reports: the oracle masks per scale and k, and each defence's masks on the top-``k``
+    responders."""
     def pct(m: dict[str, float]) -> str:
         return f"{100 * m['clean_acc']:.1f} / {100 * m['asr']:.1f}"
 
-    ks = list(reports[0]["oracle_pruning"])
-    lines = ["| attack | victim | " + " | ".join(f"top {n} pruned" for n in ks) + " |", "|---|---|" + "---|" * len(ks)]
+    ks = list(next(iter(reports[0]["oracle"].values())))
+    lines = ["| attack | victim | top-k responders scaled by | " + " | ".join(f"k = {n}" for n in ks) + " |",
+             "|---|---|---|" + "---|" * len(ks)]
     for r in reports:
-        lines.append(f"| {r['attack']} | {pct(r['before'])} | "
-                     + " | ".join(pct(r["oracle_pruning"][n]) for n in ks) + " |")
+        for scale, by_k in r["oracle"].items():
+            lines.append(f"| {r['attack']} | {pct(r['before'])} | {scale} | "
+                         + " | ".join(pct(by_k[n]) for n in ks) + " |")
     lines += ["", f"| attack | defence | after | masks < 0.5 | top-{k} responders: mean mask (rest) | top-{k} < 0.5 "
               "| Spearman (response, 1 - mask) |", "|---|---|---|---|---|---|---|"]
     for r in reports:

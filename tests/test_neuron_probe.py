@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from benchmarks.neuron_probe import markdown, masked_tensors, parse_defense, probe, pruned_copy
+from benchmarks.neuron_probe import markdown, masked_tensors, parse_defense, probe, scaled_copy
 from benchmarks.run import Paths
 from tasks import CleanBudget
 
@@ -16,14 +16,16 @@ def test_defence_specs_parse():
             parse_defense(bad)
 
 
-def test_pruned_copy_zeroes_exactly_the_first_k(badnets_victim, digits_task):
+def test_scaled_copy_scales_exactly_the_first_k(badnets_victim, digits_task):
     _, model, _, _ = badnets_victim
-    before = torch.cat([w for _, w in masked_tensors(model, digits_task.mask_target)])
+    target = digits_task.mask_target
+    before = torch.cat([w for _, w in masked_tensors(model, target)])
     order = torch.randperm(len(before), generator=torch.Generator().manual_seed(0))
-    pruned = pruned_copy(model, digits_task.mask_target, order, 5)
-    after = torch.cat([w for _, w in masked_tensors(pruned, digits_task.mask_target)])
-    changed = torch.nonzero(after != before).flatten()
-    assert sorted(changed.tolist()) == sorted(order[:5].tolist()) and (after[changed] == 0).all()
+    for scale in (0.0, 0.25):
+        after = torch.cat([w for _, w in masked_tensors(scaled_copy(model, target, order, 5, scale), target)])
+        changed = torch.nonzero(after != before).flatten()
+        assert sorted(changed.tolist()) == sorted(order[:5].tolist())
+        assert torch.allclose(after[changed], scale * before[changed])
 
 
 def test_probe_reads_each_defences_masks_back(trained_badnets_victim, runs_dir):
@@ -31,7 +33,8 @@ def test_probe_reads_each_defences_masks_back(trained_badnets_victim, runs_dir):
     report = probe(d, ["anp[iterations=40]", "nft[steps=40]"], Paths(runs_dir=runs_dir), CleanBudget(0.05), 0,
                    images=200)
     assert report["neurons"] == sum(report["layers"].values()) and report["before"] == meta["metrics"]
-    assert len(report["oracle_pruning"]) == 5 and sum(report["top_responders_per_layer"].values()) == 64
+    assert [len(by_k) for by_k in report["oracle"].values()] == [5, 5, 5]
+    assert sum(report["top_responders_per_layer"].values()) == 64
     anp = report["defenses"]["anp[iterations=40]"]
     assert anp["neurons_pruned"] > 0 and anp["below_0.5"] == anp["neurons_pruned"]  # pruned read back as mask 0
     nft = report["defenses"]["nft[steps=40]"]
@@ -39,5 +42,5 @@ def test_probe_reads_each_defences_masks_back(trained_badnets_victim, runs_dir):
         assert 0 <= row["mean_mask_top"] <= 1 and 0 <= row["mean_mask_rest"] <= 1
     assert -1 <= nft["spearman_response_vs_1_minus_mask"] <= 1
     table = markdown([report]).splitlines()
-    assert table[2].startswith("| badnets | ") and len(table) == 3 + 1 + 2 + 2
-    assert table[6].startswith("| badnets | anp[iterations=40] | ") and f"| {anp['below_0.5']} |" in table[6]
+    assert table[2].startswith("| badnets | ") and len(table) == 2 + 3 + 1 + 2 + 2
+    assert table[8].startswith("| badnets | anp[iterations=40] | ") and f"| {anp['below_0.5']} |" in table[8]
