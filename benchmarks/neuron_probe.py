@@ -96,7 +96,10 @@ def trigger_response(task: Task, model: nn.Module, attack: Attack, images: int) 
 
 
 def ranks(v: Tensor) -> Tensor:
-    return v.argsort().argsort().float()
+    """Ranks from 0, ties given their average rank (masks tie at 1, and ANP's are 0 or 1)."""
+    _, inverse, counts = torch.unique(v, return_inverse=True, return_counts=True)
+    ends = counts.cumsum(0).float()
+    return ((ends - counts + ends - 1) / 2)[inverse]
 
 
 def spearman(a: Tensor, b: Tensor) -> float:
@@ -125,8 +128,8 @@ def probe(victim_dir: str | Path, defenses: list[str], paths: Paths, budget: Cle
           images: int = 2000) -> dict[str, Any]:
     """The probe's report for one victim (see the module docstring)."""
     task, attack, model, meta = load_victim(victim_dir, paths)
-    if attack is None:
-        raise ValueError(f"{victim_dir} is a benign model: the probe needs a backdoored victim")
+    if attack is None or task.name != "image":
+        raise ValueError(f"{victim_dir} is not a backdoored image classifier: the probe needs one")
     names, score = trigger_response(task, model, attack, images)
     sizes = [len(w) for _, w in masked_tensors(model, task.mask_target)]
     layer_of = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
@@ -137,7 +140,7 @@ def probe(victim_dir: str | Path, defenses: list[str], paths: Paths, budget: Cle
         "response_images": images, "before": meta["metrics"],
         "top_responders_per_layer": {names[int(l)]: int((layer_of[order[:64]] == l).sum()) for l in
                                      layer_of[order[:64]].unique()},
-        "response_top": [round(float(s), 3) for s in score[order[:16]]],
+        "response": [round(float(s), 4) for s in score],  # per neuron, flattened in module order
         "oracle": {str(s): {str(k): task.evaluate(scaled_copy(model, task.mask_target, order, k, s), attack)
                             for k in ORACLE_K} for s in ORACLE_SCALES},
         "defenses": {},
@@ -161,7 +164,7 @@ def probe(victim_dir: str | Path, defenses: list[str], paths: Paths, budget: Cle
             "after": record["after"], "wall_time_s": record["defense_info"]["wall_time_s"],
             "below_0.5": int((mask < 0.5).sum()), "neurons_pruned": record["defense_info"].get("neurons_pruned"),
             "spearman_response_vs_1_minus_mask": round(spearman(score, 1 - mask), 4),
-            "top_k": top,
+            "top_k": top, "masks": [round(float(m), 4) for m in mask],
         }
     return report
 
@@ -183,10 +186,10 @@ def markdown(reports: list[dict[str, Any]], k: int = 16) -> str:
               "| Spearman (response, 1 - mask) |", "|---|---|---|---|---|---|---|"]
     for r in reports:
         for spec, d in r["defenses"].items():
-            t = d["top_k"][str(k)]
+            t, rho = d["top_k"][str(k)], d.get("spearman_response_vs_1_minus_mask")
             lines.append(f"| {r['attack']} | {spec} | {pct(d['after'])} | {d['below_0.5']} | "
                          f"{t['mean_mask_top']:.3f} ({t['mean_mask_rest']:.3f}) | {t['top_below_0.5']} | "
-                         f"{d['spearman_response_vs_1_minus_mask']:.2f} |")
+                         + ("-" if rho is None else f"{rho:.2f}") + " |")
     return "\n".join(lines)
 
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from benchmarks.neuron_probe import markdown, masked_tensors, parse_defense, probe, scaled_copy
+from benchmarks.neuron_probe import markdown, masked_tensors, parse_defense, probe, ranks, scaled_copy, spearman
 from benchmarks.run import Paths
 from tasks import CleanBudget
 
@@ -14,6 +14,13 @@ def test_defence_specs_parse():
     for bad in ("nft[mixup=False", "nft[mixup]"):
         with pytest.raises(ValueError, match="defence spec"):
             parse_defense(bad)
+
+
+def test_rank_correlation_averages_ties():
+    assert ranks(torch.tensor([3.0, 1.0, 1.0, 2.0])).tolist() == [3.0, 0.5, 0.5, 2.0]
+    # a binary mask (ANP's): Pearson on average ranks = 2 / sqrt(5) (breaking ties by index would give 0.6)
+    rho = spearman(torch.tensor([4.0, 3.0, 2.0, 1.0]), torch.tensor([1.0, 1.0, 0.0, 0.0]))
+    assert rho == pytest.approx(2 / 5 ** 0.5, abs=1e-6)
 
 
 def test_scaled_copy_scales_exactly_the_first_k(badnets_victim, digits_task):
