@@ -29,9 +29,10 @@ import torch
 from torch import Tensor, nn
 
 from attacks import Attack
-from benchmarks.cli import parse_params
+from benchmarks.cli import budget_of, parse_params
 from benchmarks.plan import split_outside_brackets
 from benchmarks.run import Paths, defend, load_victim
+from common.checkpoint import atomic_write_text
 from defenses.masking import neuron_modules
 from tasks.base import CleanBudget, Task
 from tasks.image_classification import to_float, to_uint8
@@ -110,18 +111,17 @@ def spearman(a: Tensor, b: Tensor) -> float:
 @torch.no_grad()
 def scaled_copy(model: nn.Module, target: str, order: Tensor, k: int, scale: float = 0.0) -> nn.Module:
     """A copy of ``model`` with the scale of the ``k`` first neurons of ``order`` (flat indices) times ``scale``."""
-    pruned = copy.deepcopy(model)
-    chosen = set(order[:k].tolist())
+    scaled = copy.deepcopy(model)
+    factor = torch.ones(len(order))
+    factor[order[:k]] = scale
     offset = 0
-    for _, module, channels, tensors in neuron_modules(pruned, target, set(getattr(pruned, "mask_exclude", ()))):
+    for _, module, channels, tensors in neuron_modules(scaled, target, set(getattr(scaled, "mask_exclude", ()))):
         for t in tensors:
             w = getattr(module, t)
-            repeat = w.shape[0] // channels
-            for c in range(channels):
-                if offset + c in chosen:
-                    w[c * repeat:(c + 1) * repeat] *= scale
+            rows = factor[offset:offset + channels].repeat_interleave(w.shape[0] // channels)
+            w.mul_(rows.to(w).view(-1, *([1] * (w.dim() - 1))))
         offset += channels
-    return pruned
+    return scaled
 
 
 def probe(victim_dir: str | Path, defenses: list[str], paths: Paths, budget: CleanBudget, seed: int,
@@ -131,7 +131,9 @@ def probe(victim_dir: str | Path, defenses: list[str], paths: Paths, budget: Cle
     if attack is None or task.name != "image":
         raise ValueError(f"{victim_dir} is not a backdoored image classifier: the probe needs one")
     names, score = trigger_response(task, model, attack, images)
-    sizes = [len(w) for _, w in masked_tensors(model, task.mask_target)]
+    layers = masked_tensors(model, task.mask_target)
+    before = torch.cat([w for _, w in layers])
+    sizes = [len(w) for _, w in layers]
     layer_of = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
     order = score.argsort(descending=True)
     report: dict[str, Any] = {
@@ -145,7 +147,6 @@ def probe(victim_dir: str | Path, defenses: list[str], paths: Paths, budget: Cle
                             for k in ORACLE_K} for s in ORACLE_SCALES},
         "defenses": {},
     }
-    before = torch.cat([w for _, w in masked_tensors(model, task.mask_target)])
     for spec in defenses:
         name, options = parse_defense(spec)
         record, purified = defend(task, attack, copy.deepcopy(model), meta, name, options, budget, seed)
@@ -218,15 +219,12 @@ def main(argv: list[str] | None = None) -> None:
     for s in specs:
         parse_defense(s)  # a bad spec fails before any work
     paths = Paths(runs_dir=args.runs_dir, data_root=args.data_root, device=args.device)
-    budget = (CleanBudget(fraction=None, per_class=args.per_class) if args.per_class is not None
-              else CleanBudget(fraction=0.01 if args.val_frac is None else args.val_frac))
-    report = probe(args.victim, specs, paths, budget, args.seed, args.images)
+    report = probe(args.victim, specs, paths, budget_of(args), args.seed, args.images)
     text = json.dumps(report, indent=1)
     if args.out is None:
         print(text)
     else:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+        atomic_write_text(args.out, text + "\n")
 
 
 if __name__ == "__main__":
