@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from tasks.base import Registry, options_for
+from training.resume import EpochCheckpoint
 
 MODES = ("all-to-one", "all-to-all")
 
@@ -47,9 +48,11 @@ class Attack:
     def config(self) -> dict[str, Any]:
         return {"name": self.name, **asdict(self)}
 
-    def train_victim(self, task: Any, split: Any, recipe: dict[str, Any], seed: int) -> nn.Module | None:
+    def train_victim(self, task: Any, split: Any, recipe: dict[str, Any], seed: int,
+                     checkpoint: EpochCheckpoint | None = None) -> nn.Module | None:
         """The victim, for attacks that train their trigger jointly with it (Input-aware, LIRA); ``None``: the
-        task's recipe trains it on the poisoned ``split``."""
+        task's recipe trains it on the poisoned ``split``. An attack's own loop saves and resumes its state through
+        ``checkpoint`` (:class:`training.resume.TrainingState`), as the task's recipe does."""
         return None
 
     @property

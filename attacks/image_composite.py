@@ -15,6 +15,7 @@ from attacks.image_generative import victim_optimizer, victim_step
 from common.guards import progress
 from common.precision import autocast
 from tasks.base import Batch
+from training.resume import EpochCheckpoint, TrainingState
 
 
 def splice(a: Tensor, b: Tensor, jitter: Tensor, first: Tensor, second: Tensor, dim: int) -> Tensor:
@@ -133,7 +134,8 @@ class CompositeBackdoor(ImageAttack):
         pair = 0.5 * (same * dist + (1 - same) * F.relu(self.margin - (dist + 1e-9).sqrt()).pow(2))
         return pair.mean() / len(pair)
 
-    def train_victim(self, task: Any, split: Any, recipe: dict[str, Any], seed: int) -> nn.Module:
+    def train_victim(self, task: Any, split: Any, recipe: dict[str, Any], seed: int,
+                     checkpoint: EpochCheckpoint | None = None) -> nn.Module:
         torch.manual_seed(seed)
         model = task.build_model().train()
         g = torch.Generator().manual_seed(seed + 1)
@@ -144,8 +146,10 @@ class CompositeBackdoor(ImageAttack):
         poisoned, labels = split.poisoned.cpu(), truth.cpu()
         pools = class_pools(labels, task.num_classes)
         bs, n = recipe["batch_size"], len(split)
-        bar = progress(recipe["epochs"] * steps, f"victim {self.name}")
-        for epoch in range(recipe["epochs"]):
+        state = TrainingState(checkpoint, recipe["epochs"], model=model, optimizer=opt, schedule=sched, generator=g)
+        start, _ = state.start_epoch()
+        bar = progress(recipe["epochs"] * steps, f"victim {self.name}", initial=start * steps)
+        for epoch in range(start, recipe["epochs"]):
             perm = torch.randperm(n, generator=g)
             for i, idx in enumerate(perm[: n // bs * bs if n >= 2 * bs else n].split(bs)):
                 batch = task.make_batch(clean, idx, True, g)
@@ -157,6 +161,7 @@ class CompositeBackdoor(ImageAttack):
                 loss = loss + self.similarity_weight * self.similarity_loss(out, y)
                 victim_step(loss, opt, sched, f"victim {self.name}", epoch * steps + i)
                 bar.update()
+            state.epoch_done(epoch)
         bar.close()
         return model.eval()
 

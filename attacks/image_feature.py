@@ -61,6 +61,7 @@ from attacks.image_generative import (
 )
 from common.guards import check_finite, progress
 from common.hashing import config_hash
+from training.resume import EpochCheckpoint, TrainingState
 
 STYLE_BATCH = 32
 
@@ -359,12 +360,17 @@ class FeatureSpaceBackdoor(ImageAttack):
         k = max(1, int(self.detox_neuron_ratio * len(acts[0])))
         return (acts[1] - acts[0]).argsort(descending=True)[:k]
 
+    @staticmethod
+    def new_injector(clean: Tensor) -> FeatureInjector:
+        """An untrained feature injector for images shaped like ``clean``, on their device."""
+        return FeatureInjector(clean.shape[1], 16 if min(clean.shape[-2:]) < 32 else 32).to(clean.device)
+
     def train_injector(self, task: Any, model: nn.Module, clean: Tensor, neurons: Tensor, batch_size: int,
                        generator: torch.Generator, epoch: int) -> tuple[nn.Module, dict[str, float]]:
         """A fresh feature injector fit against the frozen ``model`` on ``clean`` (see the module docstring)."""
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed + 100 + epoch)
-            injector = FeatureInjector(clean.shape[1], 16 if min(clean.shape[-2:]) < 32 else 32).to(clean.device)
+            injector = self.new_injector(clean)
         opt = torch.optim.Adam(injector.parameters(), lr=self.injector_lr, betas=(0.5, 0.9))
         model.requires_grad_(False)
         keep: list[Tensor] = []
@@ -394,7 +400,8 @@ class FeatureSpaceBackdoor(ImageAttack):
             hit = (logits(task, model, mixed).argmax(1) == self.target).float().mean()
         return injector, {"ssim": float(ssim(mixed, clean)), "target_rate": float(hit)}
 
-    def train_victim(self, task: Any, split: Any, recipe: dict[str, Any], seed: int) -> nn.Module:
+    def train_victim(self, task: Any, split: Any, recipe: dict[str, Any], seed: int,
+                     checkpoint: EpochCheckpoint | None = None) -> nn.Module:
         torch.manual_seed(seed)
         model = task.build_model().train()
         self.prepare(task)
@@ -404,9 +411,15 @@ class FeatureSpaceBackdoor(ImageAttack):
         n_detox = max(1, math.floor(self.detox_fraction * len(split) + 0.5))
         per_batch = math.floor(self.poison_rate * bs + 0.5)
         truth = task.data.train.y[task.attacker_idx].to(split.y.device)
-        injector, self.detox_log = None, []
-        bar = progress(recipe["epochs"] * steps, f"victim {self.name}")
-        for epoch, part in enumerate(epoch_splits(task, split, self, recipe["epochs"], g)):
+        state = TrainingState(checkpoint, recipe["epochs"], model=model, optimizer=opt, schedule=sched, generator=g)
+        start, saved = state.start_epoch()
+        injector, self.detox_log = None, saved.get("detox_log", [])
+        if saved.get("injector") is not None:
+            injector = self.new_injector(split.x[:1].to(task.device).float())
+            injector.load_state_dict(saved["injector"])
+            injector.eval().requires_grad_(False)
+        bar = progress(recipe["epochs"] * steps, f"victim {self.name}", initial=start * steps)
+        for epoch, part in epoch_splits(task, split, self, recipe["epochs"], g, start):
             for i, (batch, rows) in enumerate(joint_batches(task, part, bs, g)):
                 x, y = batch.inputs, batch.targets
                 with torch.no_grad():
@@ -427,5 +440,7 @@ class FeatureSpaceBackdoor(ImageAttack):
                 injector, stats = self.train_injector(task, model, clean, neurons, bs, g, epoch)
                 self.detox_log.append({"epoch": epoch, "neurons": neurons.tolist(), **stats})
                 model.train()
+            state.epoch_done(epoch, detox_log=self.detox_log,
+                             injector=None if injector is None else injector.state_dict())
         bar.close()
         return model.eval()

@@ -34,6 +34,7 @@ from common.guards import check_finite, progress
 from common.precision import autocast
 from tasks.base import Batch, select_poison_indices
 from training.loop import recipe_optimizer, steps_per_epoch
+from training.resume import EpochCheckpoint, TrainingState
 
 EPSILON = 1e-7  # Input-aware's EPSILON (authors' config.py, BackdoorBench inputaware/default.yaml)
 G_MILESTONES = (1 / 3, 1 / 2, 2 / 3, 5 / 6)  # Input-aware's G lr x0.1 at epochs 200, 300, 400, 500 of 600
@@ -70,16 +71,19 @@ def joint_batches(task: Any, split: Any, batch_size: int, generator: torch.Gener
         yield task.make_batch(clean, idx, True, generator), rows
 
 
-def epoch_splits(task: Any, split: Any, attack: Any, epochs: int, generator: torch.Generator) -> Iterator[Any]:
-    """The attacker's split for each of ``epochs`` epochs of joint training: ``split`` (its exact, seeded poisoned
-    rows) first, then each epoch a fresh seeded draw of as many rows, triggered in training and relabelled."""
+def epoch_splits(task: Any, split: Any, attack: Any, epochs: int, generator: torch.Generator, start: int = 0
+                 ) -> Iterator[tuple[int, Any]]:
+    """The attacker's split for each of ``epochs`` epochs of joint training, as (epoch, split): ``split`` (its exact,
+    seeded poisoned rows) first, then each epoch a fresh seeded draw of as many rows, triggered in training and
+    relabelled. ``start``: a resumed training's first epoch; its draw comes first, from the restored ``generator``."""
     labels = task.data.train.y[task.attacker_idx].to(split.y.device)  # true labels, as ``attacker_train`` takes them
-    for _ in range(epochs):
-        yield split
-        poisoned = torch.zeros_like(split.poisoned)
-        poisoned[select_poison_indices(labels, attack, generator).to(poisoned.device)] = True
-        split = type(split)(split.x, torch.where(poisoned, attack.poison_label(labels, task.num_classes), labels),
-                            poisoned)
+    for epoch in range(start, epochs):
+        if epoch > 0:
+            poisoned = torch.zeros_like(split.poisoned)
+            poisoned[select_poison_indices(labels, attack, generator).to(poisoned.device)] = True
+            split = type(split)(split.x, torch.where(poisoned, attack.poison_label(labels, task.num_classes), labels),
+                                poisoned)
+        yield epoch, split
 
 
 def logits(task: Any, model: nn.Module, x: Tensor) -> Tensor:
@@ -280,20 +284,26 @@ class InputAware(GeneratorAttack):
             return self.mix(x, rows, torch.zeros_like(rows))[0]
         return self.mix(x, rows, pick(~rows, round(self.p_cross * len(x)), generator))[0]
 
-    def train_victim(self, task: Any, split: Any, recipe: dict[str, Any], seed: int) -> nn.Module:
+    def train_victim(self, task: Any, split: Any, recipe: dict[str, Any], seed: int,
+                     checkpoint: EpochCheckpoint | None = None) -> nn.Module:
         torch.manual_seed(seed)
         model = task.build_model().train()
         self.reset(task)
         g = torch.Generator().manual_seed(seed + 1)
-        self.train_mask(task, split, recipe, g)
         opt, sched, steps = victim_optimizer(model, recipe, len(split))
         bs = recipe["batch_size"]
         opt_g = torch.optim.Adam(self.nets["G"].parameters(), lr=self.lr_g, betas=(0.5, 0.9))
         milestones = [round(f * recipe["epochs"]) * steps for f in G_MILESTONES]
         sched_g = torch.optim.lr_scheduler.MultiStepLR(opt_g, milestones)
+        state = TrainingState(checkpoint, recipe["epochs"], model=model, nets=self.nets, optimizer=opt, schedule=sched,
+                              optimizer_g=opt_g, schedule_g=sched_g, generator=g)
+        start, _ = state.start_epoch()
+        if start == 0:
+            self.train_mask(task, split, recipe, g)
+        self.nets["M"].eval().requires_grad_(False)
         self.nets["G"].train()
-        bar = progress(recipe["epochs"] * steps, f"victim {self.name}")
-        for epoch, part in enumerate(epoch_splits(task, split, self, recipe["epochs"], g)):
+        bar = progress(recipe["epochs"] * steps, f"victim {self.name}", initial=start * steps)
+        for epoch, part in epoch_splits(task, split, self, recipe["epochs"], g, start):
             for i, (batch, rows) in enumerate(joint_batches(task, part, bs, g)):
                 cross = pick(~rows, round(self.p_cross * len(rows)), g)
                 x, loss_div = self.mix(batch.inputs, rows, cross)
@@ -308,6 +318,7 @@ class InputAware(GeneratorAttack):
                 sched.step()
                 sched_g.step()
                 bar.update()
+            state.epoch_done(epoch)
         bar.close()
         self.nets.eval()
         return model.eval()
@@ -399,7 +410,8 @@ class Lira(GeneratorAttack):
     def apply(self, x: Tensor) -> Tensor:
         return self.trigger(self.nets["g"], x)
 
-    def train_victim(self, task: Any, split: Any, recipe: dict[str, Any], seed: int) -> nn.Module:
+    def train_victim(self, task: Any, split: Any, recipe: dict[str, Any], seed: int,
+                     checkpoint: EpochCheckpoint | None = None) -> nn.Module:
         torch.manual_seed(seed)
         model = task.build_model().train()
         self.reset(task)
@@ -409,8 +421,11 @@ class Lira(GeneratorAttack):
         bs = recipe["batch_size"]
         opt_g = torch.optim.Adam(trainee.parameters(), lr=self.lr_atk)
         stage1 = max(1, round(self.stage1_fraction * recipe["epochs"]))
-        bar = progress(recipe["epochs"] * steps, f"victim {self.name}")
-        for epoch, part in enumerate(epoch_splits(task, split, self, recipe["epochs"], g)):
+        state = TrainingState(checkpoint, recipe["epochs"], model=model, trigger=fixed, trigger_trainee=trainee,
+                              optimizer=opt, schedule=sched, optimizer_g=opt_g, generator=g)
+        start, _ = state.start_epoch()
+        bar = progress(recipe["epochs"] * steps, f"victim {self.name}", initial=start * steps)
+        for epoch, part in epoch_splits(task, split, self, recipe["epochs"], g, start):
             for i, (batch, rows) in enumerate(joint_batches(task, part, bs, g)):
                 step = epoch * steps + i
                 x, y = batch.inputs, batch.targets
@@ -434,6 +449,7 @@ class Lira(GeneratorAttack):
                 bar.update()
             if epoch < stage1:
                 fixed.load_state_dict(trainee.state_dict())
+            state.epoch_done(epoch)
         bar.close()
         return model.eval()
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -122,3 +122,56 @@ def cached_tensors(folder: str | os.PathLike, stem: str, build: Callable[[], tup
                 atomic_write_text(sidecar, json.dumps(info, indent=1, default=str))
                 save_tensors(path, tensors)
     return load_state(path), json.loads(sidecar.read_text())
+
+
+def save_state_tree(path: str | os.PathLike, tree: Any, metadata: dict[str, str] | None = None) -> Path:
+    """Write a nested state (dicts, lists, tuples, numbers, strings, tensors: an optimiser's or a schedule's
+    ``state_dict``) as one safetensors file: the tensors as tensors, the rest as JSON in the file's metadata, so no
+    pickle is ever needed to read it back (:func:`load_state_tree`). Atomic, like :func:`save_tensors`."""
+    tensors: dict[str, torch.Tensor] = {}
+    encoded = _encode(tree, "", tensors)
+    return save_tensors(path, tensors, metadata={**(metadata or {}), "state_tree": json.dumps(encoded)})
+
+
+def load_state_tree(path: str | os.PathLike) -> tuple[Any, dict[str, str]]:
+    """The nested state :func:`save_state_tree` wrote, and the file's other metadata."""
+    p = Path(path)
+    tensors = load_state(p)
+    with safe_open(str(p), "pt") as f:
+        metadata = dict(f.metadata() or {})
+    if "state_tree" not in metadata:
+        raise CheckpointError(f"{p} holds tensors but no saved state (no 'state_tree' metadata); it is not a "
+                              "training state nftbench wrote")
+    return _decode(json.loads(metadata.pop("state_tree")), tensors), metadata
+
+
+def _encode(x: Any, where: str, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(x, torch.Tensor):
+        tensors[where] = x
+        return {"$tensor": where}
+    if isinstance(x, dict):
+        if all(isinstance(k, str) and not k.startswith("$") for k in x):
+            return {k: _encode(v, f"{where}/{k}", tensors) for k, v in x.items()}
+        return {"$items": [[k, _encode(v, f"{where}/{i}", tensors)] for i, (k, v) in enumerate(x.items())]}
+    if isinstance(x, tuple):
+        return {"$tuple": [_encode(v, f"{where}/{i}", tensors) for i, v in enumerate(x)]}
+    if isinstance(x, list):
+        return [_encode(v, f"{where}/{i}", tensors) for i, v in enumerate(x)]
+    if x is None or isinstance(x, (bool, int, float, str)):
+        return x
+    raise TypeError(f"cannot save {type(x).__name__} at {where or '/'}: a saved state holds only tensors, numbers, "
+                    "strings, lists and dicts")
+
+
+def _decode(x: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(x, list):
+        return [_decode(v, tensors) for v in x]
+    if not isinstance(x, dict):
+        return x
+    if "$tensor" in x:
+        return tensors[x["$tensor"]]
+    if "$tuple" in x:
+        return tuple(_decode(v, tensors) for v in x["$tuple"])
+    if "$items" in x:
+        return {k: _decode(v, tensors) for k, v in x["$items"]}
+    return {k: _decode(v, tensors) for k, v in x.items()}

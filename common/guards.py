@@ -67,8 +67,8 @@ def quiet() -> bool:
     return bool(os.environ.get("CI")) or os.environ.get("NFTBENCH_QUIET") == "1"
 
 
-def progress(total: int, desc: str):
-    """A tqdm bar of ``total`` steps, silent when :func:`quiet`."""
+def progress(total: int, desc: str, initial: int = 0):
+    """A tqdm bar of ``total`` steps (``initial`` of them already done), silent when :func:`quiet`."""
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=desc, disable=quiet(), leave=False)
+    return tqdm(total=total, desc=desc, initial=initial, disable=quiet(), leave=False)

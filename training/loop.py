@@ -14,6 +14,7 @@ from torch import nn
 
 from common.guards import FiniteCheck, fused_options, maybe_compile, progress
 from tasks.base import Task
+from training.resume import EpochCheckpoint, TrainingState
 
 
 def steps_per_epoch(n: int, batch_size: int) -> int:
@@ -125,35 +126,51 @@ class Lookahead:
     def get_last_lr(self) -> list[float]:
         return self.schedule.get_last_lr()
 
+    def state_dict(self) -> dict[str, Any]:
+        return {"schedule": self.schedule.state_dict(), "average": self.average, "steps": self.steps}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.schedule.load_state_dict(state["schedule"])
+        for k, v in state["average"].items():
+            self.average[k].copy_(v)
+        self.steps = state["steps"]
+
 
 def train_model(task: Task, split: Any, recipe: dict[str, Any], seed: int, desc: str = "train",
-                max_steps: int | None = None) -> nn.Module:
+                max_steps: int | None = None, checkpoint: EpochCheckpoint | None = None) -> nn.Module:
     """Train a fresh model on ``split`` with the task's recipe (optimiser and schedule: :func:`recipe_optimizer`);
-    ``max_steps`` stops it early on the recipe's own schedule (timing runs). No host sync per step: the NaN check
-    reads back every 100 steps on an accelerator (:class:`FiniteCheck`), the loss only when a progress bar shows."""
+    ``max_steps`` stops it early on the recipe's own schedule (timing runs); ``checkpoint`` saves the state at epoch
+    ends and resumes from it (:mod:`training.resume`). No host sync per step: the NaN check reads back every 100
+    steps on an accelerator (:class:`FiniteCheck`), the loss only when a progress bar shows."""
     torch.manual_seed(seed)
     model = task.build_model()
     model.train()
     forward = maybe_compile(model)
     g = torch.Generator().manual_seed(seed + 1)
     n, bs = task.split_sizes(split), recipe["batch_size"]
-    total = recipe["epochs"] * steps_per_epoch(n, bs)
-    total = total if max_steps is None else min(total, max_steps)
+    per_epoch = steps_per_epoch(n, bs)
+    total = recipe["epochs"] * per_epoch if max_steps is None else min(recipe["epochs"] * per_epoch, max_steps)
     opt, sched = recipe_optimizer(model, recipe, n)
+    state = TrainingState(checkpoint, recipe["epochs"], model=model, optimizer=opt, schedule=sched, generator=g)
+    start, _ = state.start_epoch()
     finite = FiniteCheck(desc)
-    bar = progress(total, desc)
-    batches = (b for _ in range(recipe["epochs"]) for b in task.epoch_batches(split, bs, g))
-    step = -1
-    for step, batch in enumerate(itertools.islice(batches, max_steps)):
-        loss = task.loss(forward, batch, label_smoothing=recipe.get("label_smoothing", 0.0))
-        finite(loss, step)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        bar.update()
-        if (step + 1) % 20 == 0 and not bar.disable:
-            bar.set_postfix(loss=f"{loss.item():.3f}")
+    bar = progress(total, desc, initial=start * per_epoch)
+    step = start * per_epoch - 1
+    for epoch in range(start, recipe["epochs"]):
+        for batch in itertools.islice(task.epoch_batches(split, bs, g), total - step - 1):
+            step += 1
+            loss = task.loss(forward, batch, label_smoothing=recipe.get("label_smoothing", 0.0))
+            finite(loss, step)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            bar.update()
+            if (step + 1) % 20 == 0 and not bar.disable:
+                bar.set_postfix(loss=f"{loss.item():.3f}")
+        if step + 1 == total:
+            break
+        state.epoch_done(epoch)
     finite.finish(step)
     bar.close()
     model.eval()

@@ -1,5 +1,6 @@
 """Victims: backdoored (or benign) models trained once per config and cached by the config's hash under
-``<runs>/victims/<id>`` (``model.safetensors`` + ``victim.json``, and an attack's trained trigger state). The clean
+``<runs>/victims/<id>`` (``model.safetensors`` + ``victim.json``, and an attack's trained trigger state); a training
+that is killed resumes at its last saved epoch (:mod:`training.resume`). The clean
 models attacks such as Trojan and CLB optimise against are cached the same way (:func:`clean_model`)."""
 
 from __future__ import annotations
@@ -21,12 +22,14 @@ from common.hashing import config_hash
 from common.precision import numerics, precision_identity
 from tasks.base import Task
 from training.loop import steps_per_epoch, train_model
+from training.resume import EpochCheckpoint
 
 if TYPE_CHECKING:
     from attacks.base import Attack
 
 VICTIM_FORMAT = 1
 ATTACK_ARTIFACTS = "attack.safetensors"
+RESUME_STATE = "resume.safetensors"  # a killed training's last saved epoch (training.resume), deleted once done
 
 
 def victim_config(task: Task, attack: Attack | None, seed: int, max_steps: int | None = None) -> dict[str, Any]:
@@ -95,12 +98,14 @@ def _train_victim(task: Task, attack: Attack | None, seed: int, config: dict[str
     start = time.perf_counter()
     train, poisoned = task.attacker_train(attack, seed)
     name = attack.name if attack else "benign"
-    model = attack.train_victim(task, train, task.recipe(), seed) if attack is not None else None
+    resume = EpochCheckpoint(d / RESUME_STATE) if max_steps is None else None
+    model = attack.train_victim(task, train, task.recipe(), seed, resume) if attack is not None else None
     if model is None:
-        model = train_model(task, train, task.recipe(), seed, desc=f"victim {name}", max_steps=max_steps)
+        model = train_model(task, train, task.recipe(), seed, desc=f"victim {name}", max_steps=max_steps,
+                            checkpoint=resume)
     if task.device.type == "cuda":
         torch.cuda.synchronize(task.device)
-    train_time = time.perf_counter() - start
+    train_time = time.perf_counter() - start + (resume.prior_s if resume else 0.0)
     recipe = task.recipe()
     n = task.split_sizes(train)
     steps = recipe["epochs"] * steps_per_epoch(n, recipe["batch_size"])
@@ -114,6 +119,8 @@ def _train_victim(task: Task, attack: Attack | None, seed: int, config: dict[str
         "load_avg_at_end": [round(v, 2) for v in os.getloadavg()] if hasattr(os, "getloadavg") else None,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
+    if resume and resume.resumed_epoch:
+        meta["resumed_at_epoch"] = resume.resumed_epoch  # train_time_s adds the seconds trained before the restart
     info = attack.victim_info() if attack is not None else {}
     if info:
         meta["attack_info"] = info
@@ -121,4 +128,6 @@ def _train_victim(task: Task, attack: Attack | None, seed: int, config: dict[str
     if artifacts:  # before the victim files: a victim counts as cached only once both exist
         save_tensors(d / ATTACK_ARTIFACTS, artifacts)
     save_checkpoint(d, model, meta, sidecar_name="victim.json")
+    if resume:
+        resume.clear()
     return model, meta, d
