@@ -43,7 +43,7 @@ from common.guards import FiniteCheck, maybe_compile
 from common.precision import numerics, set_precision
 from defenses import DEFENSES, purify
 from tasks import CleanBudget, Task, create_task
-from training.loop import recipe_optimizer
+from training.loop import recipe_optimizer, recipe_step
 from training.victims import get_victim
 
 # The option(s) that set how long each defence runs; --quick scales them. A defence not listed here gets its
@@ -95,12 +95,7 @@ def training_throughput(task: Task, attack: Any, seed: int, steps: int, warmup: 
         if batch is None:  # next epoch, as the trainer does
             batches = task.epoch_batches(split, bs, g)
             batch = next(batches)
-        loss = task.loss(forward, batch, label_smoothing=recipe.get("label_smoothing", 0.0))
-        finite(loss, i)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
+        recipe_step(task, forward, batch, recipe, opt, sched, finite, i)
         return len(batch)
 
     for i in range(warmup):

@@ -136,6 +136,19 @@ class Lookahead:
         self.steps = state["steps"]
 
 
+def recipe_step(task: Task, forward: Any, batch: Any, recipe: dict[str, Any], opt: torch.optim.Optimizer,
+                sched: Any, finite: FiniteCheck, step: int) -> torch.Tensor:
+    """One step of the recipe on ``batch``: the loss (with the recipe's label smoothing), the NaN check, backward,
+    the optimiser and the schedule. Returns the loss, not read back."""
+    loss = task.loss(forward, batch, label_smoothing=recipe.get("label_smoothing", 0.0))
+    finite(loss, step)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    sched.step()
+    return loss
+
+
 def train_model(task: Task, split: Any, recipe: dict[str, Any], seed: int, desc: str = "train",
                 max_steps: int | None = None, checkpoint: EpochCheckpoint | None = None) -> nn.Module:
     """Train a fresh model on ``split`` with the task's recipe (optimiser and schedule: :func:`recipe_optimizer`);
@@ -159,12 +172,7 @@ def train_model(task: Task, split: Any, recipe: dict[str, Any], seed: int, desc:
     for epoch in range(start, recipe["epochs"]):
         for batch in itertools.islice(task.epoch_batches(split, bs, g), total - step - 1):
             step += 1
-            loss = task.loss(forward, batch, label_smoothing=recipe.get("label_smoothing", 0.0))
-            finite(loss, step)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
+            loss = recipe_step(task, forward, batch, recipe, opt, sched, finite, step)
             bar.update()
             if (step + 1) % 20 == 0 and not bar.disable:
                 bar.set_postfix(loss=f"{loss.item():.3f}")
