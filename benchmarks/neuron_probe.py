@@ -7,6 +7,10 @@ added to a test image of a non-target class, in units of that output's spread ov
 
 - **oracle masks**: scale the k most trigger-responsive neurons by s and evaluate, for each k and s (s = 0 prunes,
   as ANP does); if a few neurons carry the backdoor, a neuron mask can remove it, and s says how far down it must go;
+- **clean gradients**: what a mask defence trained on clean data sees at its start, the mean (signed and absolute)
+  gradient of the clean loss with respect to each mask at 1, with MixUp (NFT's loss) and without, BN in train mode
+  as NFT trains, on batches of the run's clean split; next to it NFT's regulariser, ``eta / N_c`` per mask, which
+  pulls every mask below 1 back up;
 - per defence (default options, the run's clean split): its mask on each neuron, read as the masked tensor after
   the defence over before (NFT's soft mask folded in, ANP's pruning as 0), the mean mask on the top-k responders
   against the rest, how many of them end below 0.5, and the rank correlation of response with 1 - mask.
@@ -33,7 +37,8 @@ from benchmarks.cli import budget_of, parse_params
 from benchmarks.plan import split_outside_brackets
 from benchmarks.run import Paths, defend, load_victim
 from common.checkpoint import atomic_write_text
-from defenses.masking import neuron_modules
+from defenses.masking import NeuronMasks, neuron_modules
+from defenses.nft import NFTConfig
 from tasks.base import CleanBudget, Task
 from tasks.image_classification import to_float, to_uint8
 
@@ -124,8 +129,43 @@ def scaled_copy(model: nn.Module, target: str, order: Tensor, k: int, scale: flo
     return scaled
 
 
+def clean_gradients(task: Task, model: nn.Module, clean: Any, batches: int, batch_size: int, seed: int
+                    ) -> dict[str, dict[str, Tensor]]:
+    """Per masked neuron, the mean signed and mean absolute gradient of the clean loss with respect to its mask at 1,
+    over ``batches`` augmented batches of ``clean`` drawn as NFT draws them, with MixUp (alpha 1, NFT's default) and
+    without. On a copy: ``model`` is left as it was."""
+    model = copy.deepcopy(model)
+    model.requires_grad_(False)
+    masks = NeuronMasks(model, task.mask_target)
+    model.train()
+    out = {}
+    try:
+        for loss_name in ("mixup", "plain"):
+            g = torch.Generator().manual_seed(seed)
+            signed = [torch.zeros_like(m) for m in masks.masks]
+            size = [torch.zeros_like(m) for m in masks.masks]
+            for _ in range(batches):
+                batch = task.sample_batch(clean, batch_size, g, augment=True)
+                loss = task.mixup_loss(model, batch, 1.0, g) if loss_name == "mixup" else task.loss(model, batch)
+                for acc_s, acc_a, grad in zip(signed, size, torch.autograd.grad(loss, list(masks.masks)), strict=True):
+                    acc_s += grad / batches
+                    acc_a += grad.abs() / batches
+            out[loss_name] = {"signed": torch.cat(signed).float().cpu(), "abs": torch.cat(size).float().cpu()}
+    finally:
+        masks.remove(fold=False)
+    return out
+
+
+def gradient_summary(grads: dict[str, dict[str, Tensor]], order: Tensor, k: int) -> dict[str, dict[str, float]]:
+    """Mean signed and absolute mask gradient on the top-``k`` responders of ``order`` and on the rest."""
+    sel = torch.zeros(len(order), dtype=torch.bool)
+    sel[order[:k]] = True
+    return {name: {f"{stat}_{part}": float(g[stat][mask].mean()) for stat in ("signed", "abs")
+                   for part, mask in (("top", sel), ("rest", ~sel))} for name, g in grads.items()}
+
+
 def probe(victim_dir: str | Path, defenses: list[str], paths: Paths, budget: CleanBudget, seed: int,
-          images: int = 2000) -> dict[str, Any]:
+          images: int = 2000, gradient_batches: int = 20) -> dict[str, Any]:
     """The probe's report for one victim (see the module docstring)."""
     task, attack, model, meta = load_victim(victim_dir, paths)
     if attack is None or task.name != "image":
@@ -146,6 +186,15 @@ def probe(victim_dir: str | Path, defenses: list[str], paths: Paths, budget: Cle
         "oracle": {str(s): {str(k): task.evaluate(scaled_copy(model, task.mask_target, order, k, s), attack)
                             for k in ORACLE_K} for s in ORACLE_SCALES},
         "defenses": {},
+    }
+    clean = task.clean_split(budget, seed)
+    grads = clean_gradients(task, model, clean, gradient_batches, NFTConfig.batch_size, seed)
+    report["clean_gradient"] = {
+        "batches": gradient_batches, "batch_size": NFTConfig.batch_size,
+        "nft_regulariser_per_mask": NFTConfig.eta / task.samples_per_class(clean),
+        "top_k": {str(k): gradient_summary(grads, order, k) for k in ORACLE_K},
+        "per_neuron": {name: {stat: [float(f"{v:.3g}") for v in t] for stat, t in g.items()}
+                       for name, g in grads.items()},
     }
     for spec in defenses:
         name, options = parse_defense(spec)
@@ -191,6 +240,15 @@ def markdown(reports: list[dict[str, Any]], k: int = 16) -> str:
             lines.append(f"| {r['attack']} | {spec} | {pct(d['after'])} | {d['below_0.5']} | "
                          f"{t['mean_mask_top']:.3f} ({t['mean_mask_rest']:.3f}) | {t['top_below_0.5']} | "
                          + ("-" if rho is None else f"{rho:.2f}") + " |")
+    with_grads = [r for r in reports if "clean_gradient" in r]
+    if with_grads:
+        lines += ["", f"| attack | clean loss | top-{k}: mean gradient (mean abs.) | rest: mean gradient (mean abs.) "
+                  "| NFT regulariser |", "|---|---|---|---|---|"]
+        for r in with_grads:
+            cg = r["clean_gradient"]
+            for name, t in cg["top_k"][str(k)].items():
+                lines.append(f"| {r['attack']} | {name} | {t['signed_top']:.2e} ({t['abs_top']:.2e}) | "
+                             f"{t['signed_rest']:.2e} ({t['abs_rest']:.2e}) | {cg['nft_regulariser_per_mask']:.1e} |")
     return "\n".join(lines)
 
 
@@ -205,6 +263,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--per-class", type=int, default=None, help="or clean images per class")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--images", type=int, default=2000, help="test images the trigger response is measured on")
+    ap.add_argument("--gradient-batches", type=int, default=20, help="clean batches the mask gradients average")
     ap.add_argument("--data-root", default=None)
     ap.add_argument("--runs-dir", default="runs")
     ap.add_argument("--device", default="auto")
@@ -219,7 +278,7 @@ def main(argv: list[str] | None = None) -> None:
     for s in specs:
         parse_defense(s)  # a bad spec fails before any work
     paths = Paths(runs_dir=args.runs_dir, data_root=args.data_root, device=args.device)
-    report = probe(args.victim, specs, paths, budget_of(args), args.seed, args.images)
+    report = probe(args.victim, specs, paths, budget_of(args), args.seed, args.images, args.gradient_batches)
     text = json.dumps(report, indent=1)
     if args.out is None:
         print(text)

@@ -1,10 +1,22 @@
 """The neuron probe (benchmarks/neuron_probe.py) on the digits BadNets victim."""
 
+import copy
+
 import pytest
 import torch
 
-from benchmarks.neuron_probe import markdown, masked_tensors, parse_defense, probe, ranks, scaled_copy, spearman
+from benchmarks.neuron_probe import (
+    clean_gradients,
+    markdown,
+    masked_tensors,
+    parse_defense,
+    probe,
+    ranks,
+    scaled_copy,
+    spearman,
+)
 from benchmarks.run import Paths
+from defenses.masking import neuron_modules
 from tasks import CleanBudget
 
 
@@ -35,7 +47,7 @@ def test_scaled_copy_scales_exactly_the_first_k(badnets_victim, digits_task):
         assert torch.allclose(after[changed], scale * before[changed])
 
 
-def test_probe_reads_each_defences_masks_back(trained_badnets_victim, runs_dir):
+def test_probe_reads_each_defences_masks_back(trained_badnets_victim, runs_dir, digits_task):
     _, _, meta, d = trained_badnets_victim
     report = probe(d, ["anp[iterations=40]", "nft[steps=40]"], Paths(runs_dir=runs_dir), CleanBudget(0.05), 0,
                    images=200)
@@ -48,6 +60,28 @@ def test_probe_reads_each_defences_masks_back(trained_badnets_victim, runs_dir):
     for row in nft["top_k"].values():  # NFT's masks are clamped to [floor, 1]
         assert 0 <= row["mean_mask_top"] <= 1 and 0 <= row["mean_mask_rest"] <= 1
     assert -1 <= nft["spearman_response_vs_1_minus_mask"] <= 1
+    cg = report["clean_gradient"]
+    per_class = digits_task.samples_per_class(digits_task.clean_split(CleanBudget(0.05), 0))
+    assert cg["nft_regulariser_per_mask"] == pytest.approx(1e-3 / per_class)
+    assert set(cg["per_neuron"]) == {"mixup", "plain"}
+    assert all(len(v) == report["neurons"] for g in cg["per_neuron"].values() for v in g.values())
     table = markdown([report]).splitlines()
-    assert table[2].startswith("| badnets | ") and len(table) == 2 + 3 + 1 + 2 + 2
+    assert table[2].startswith("| badnets | ") and len(table) == 2 + 3 + 1 + 2 + 2 + 1 + 2 + 2
     assert table[8].startswith("| badnets | anp[iterations=40] | ") and f"| {anp['below_0.5']} |" in table[8]
+    assert table[-2].startswith("| badnets | mixup | ") and table[-1].startswith("| badnets | plain | ")
+
+
+def test_clean_gradients_match_the_scale_gradient_by_hand(badnets_victim, digits_task):
+    """d loss / d mask_c at mask 1 is w_c * d loss / d w_c for a BN weight w (the mask multiplies it)."""
+    _, model, _, _ = badnets_victim
+    clean = digits_task.clean_split(CleanBudget(0.05), 0)
+    grads = clean_gradients(digits_task, model, clean, batches=1, batch_size=32, seed=0)["plain"]["signed"]
+    twin = copy.deepcopy(model).train()
+    batch = digits_task.sample_batch(clean, 32, torch.Generator().manual_seed(0), augment=True)
+    layers = [m for _, m, _, _ in neuron_modules(twin, digits_task.mask_target, set(getattr(twin, "mask_exclude", ())))]
+    for m in layers:
+        m.weight.requires_grad_(True)
+    digits_task.loss(twin, batch).backward()
+    by_hand = torch.cat([(m.weight * m.weight.grad).detach().flatten() for m in layers])
+    assert torch.allclose(grads, by_hand, rtol=1e-4, atol=1e-7)
+    assert grads.abs().sum() > 0
