@@ -10,7 +10,8 @@ added to a test image of a non-target class, in units of that output's spread ov
 - **clean gradients**: what a mask defence trained on clean data sees at its start, the mean (signed and absolute)
   gradient of the clean loss with respect to each mask at 1, with MixUp (NFT's loss) and without, BN in train mode
   as NFT trains, on batches of the run's clean split; next to it NFT's regulariser, ``eta / N_c`` per mask, which
-  pulls every mask below 1 back up;
+  pulls every mask below 1 back up; and the same gradient where each defence ended (a mask of 1 on its purified
+  model: the gradient per relative change of the neuron's scale);
 - per defence (default options, the run's clean split): its mask on each neuron, read as the masked tensor after
   the defence over before (NFT's soft mask folded in, ANP's pruning as 0), the mean mask on the top-k responders
   against the rest, how many of them end below 0.5, and the rank correlation of response with 1 - mask.
@@ -203,6 +204,7 @@ def probe(victim_dir: str | Path, defenses: list[str], paths: Paths, budget: Cle
             raise RuntimeError(f"{spec} failed on {victim_dir}: {record.get('error')}")
         after = torch.cat([w for _, w in masked_tensors(purified, task.mask_target)])
         mask = torch.where(before.abs() > 1e-12, after / before, torch.ones_like(after))
+        after_grads = clean_gradients(task, purified, clean, gradient_batches, NFTConfig.batch_size, seed)
         top = {}
         for k in ORACLE_K:
             sel = torch.zeros(len(mask), dtype=torch.bool)
@@ -215,6 +217,7 @@ def probe(victim_dir: str | Path, defenses: list[str], paths: Paths, budget: Cle
             "below_0.5": int((mask < 0.5).sum()), "neurons_pruned": record["defense_info"].get("neurons_pruned"),
             "spearman_response_vs_1_minus_mask": round(spearman(score, 1 - mask), 4),
             "top_k": top, "masks": [round(float(m), 4) for m in mask],
+            "clean_gradient_after": {str(k): gradient_summary(after_grads, order, k) for k in ORACLE_K},
         }
     return report
 
@@ -242,12 +245,15 @@ def markdown(reports: list[dict[str, Any]], k: int = 16) -> str:
                          + ("-" if rho is None else f"{rho:.2f}") + " |")
     with_grads = [r for r in reports if "clean_gradient" in r]
     if with_grads:
-        lines += ["", f"| attack | clean loss | top-{k}: mean gradient (mean abs.) | rest: mean gradient (mean abs.) "
-                  "| NFT regulariser |", "|---|---|---|---|---|"]
+        lines += ["", f"| attack | clean loss, at | top-{k}: mean gradient (mean abs.) | rest: mean gradient "
+                  "(mean abs.) | NFT regulariser |", "|---|---|---|---|---|"]
         for r in with_grads:
             cg = r["clean_gradient"]
-            for name, t in cg["top_k"][str(k)].items():
-                lines.append(f"| {r['attack']} | {name} | {t['signed_top']:.2e} ({t['abs_top']:.2e}) | "
+            rows = [(f"{name}, victim", t) for name, t in cg["top_k"][str(k)].items()]
+            rows += [(f"{name}, after {spec}", t) for spec, d in r["defenses"].items() if "clean_gradient_after" in d
+                     for name, t in d["clean_gradient_after"][str(k)].items()]
+            for where, t in rows:
+                lines.append(f"| {r['attack']} | {where} | {t['signed_top']:.2e} ({t['abs_top']:.2e}) | "
                              f"{t['signed_rest']:.2e} ({t['abs_rest']:.2e}) | {cg['nft_regulariser_per_mask']:.1e} |")
     return "\n".join(lines)
 

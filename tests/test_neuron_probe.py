@@ -65,10 +65,12 @@ def test_probe_reads_each_defences_masks_back(trained_badnets_victim, runs_dir, 
     assert cg["nft_regulariser_per_mask"] == pytest.approx(1e-3 / per_class)
     assert set(cg["per_neuron"]) == {"mixup", "plain"}
     assert all(len(v) == report["neurons"] for g in cg["per_neuron"].values() for v in g.values())
+    assert set(nft["clean_gradient_after"]["16"]) == {"mixup", "plain"}
     table = markdown([report]).splitlines()
-    assert table[2].startswith("| badnets | ") and len(table) == 2 + 3 + 1 + 2 + 2 + 1 + 2 + 2
+    assert table[2].startswith("| badnets | ") and len(table) == 2 + 3 + 1 + 2 + 2 + 1 + 2 + 2 * 3
     assert table[8].startswith("| badnets | anp[iterations=40] | ") and f"| {anp['below_0.5']} |" in table[8]
-    assert table[-2].startswith("| badnets | mixup | ") and table[-1].startswith("| badnets | plain | ")
+    assert table[13].startswith("| badnets | mixup, victim | ") and table[14].startswith("| badnets | plain, victim | ")
+    assert table[-1].startswith("| badnets | plain, after nft[steps=40] | ")
 
 
 def test_clean_gradients_match_the_scale_gradient_by_hand(badnets_victim, digits_task):
