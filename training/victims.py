@@ -1,7 +1,7 @@
 """Victims: backdoored (or benign) models trained once per config and cached by the config's hash under
 ``<runs>/victims/<id>`` (``model.safetensors`` + ``victim.json``, and an attack's trained trigger state); a training
-that is killed resumes at its last saved epoch (:mod:`training.resume`). The clean
-models attacks such as Trojan and CLB optimise against are cached the same way (:func:`clean_model`)."""
+that is killed resumes at its last saved epoch (:mod:`training.resume`). The clean models attacks such as Trojan and
+CLB optimise against are cached the same way (:func:`clean_model`)."""
 
 from __future__ import annotations
 
