@@ -375,7 +375,7 @@ def test_victim_lock_makes_concurrent_workers_train_once(tmp_path, monkeypatch):
 
     calls = []
 
-    def slow_train(task, split, recipe, seed, desc="train", max_steps=None):
+    def slow_train(task, split, recipe, seed, desc="train", max_steps=None, checkpoint=None):
         calls.append(threading.get_ident())
         time.sleep(0.5)
         torch.manual_seed(seed)
