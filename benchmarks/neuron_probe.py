@@ -14,7 +14,9 @@ added to a test image of a non-target class, in units of that output's spread ov
   model: the gradient per relative change of the neuron's scale);
 - per defence (default options, the run's clean split): its mask on each neuron, read as the masked tensor after
   the defence over before (NFT's soft mask folded in, ANP's pruning as 0), the mean mask on the top-k responders
-  against the rest, how many of them end below 0.5, and the rank correlation of response with 1 - mask.
+  against the rest, how many of them end below 0.5, the rank correlation of response with 1 - mask, and its masks
+  alone applied to the victim (every other change the defence made left out, BN statistics included).
+  ``--complete REPORT...`` adds that last measurement to reports written before the probe made it.
 
     python -m benchmarks.neuron_probe runs/victims/<id> --defenses nft,anp --data-root ../shared/data \\
         --out results/cifar10-fast/neuron-probe/<attack>.json
@@ -114,12 +116,18 @@ def spearman(a: Tensor, b: Tensor) -> float:
     return float(torch.corrcoef(torch.stack([ra, rb]))[0, 1])
 
 
-@torch.no_grad()
-def scaled_copy(model: nn.Module, target: str, order: Tensor, k: int, scale: float = 0.0) -> nn.Module:
-    """A copy of ``model`` with the scale of the ``k`` first neurons of ``order`` (flat indices) times ``scale``."""
-    scaled = copy.deepcopy(model)
+def top_k_factor(order: Tensor, k: int, scale: float) -> Tensor:
+    """Per neuron: ``scale`` for the ``k`` first neurons of ``order`` (flat indices), 1 for the rest."""
     factor = torch.ones(len(order))
     factor[order[:k]] = scale
+    return factor
+
+
+@torch.no_grad()
+def scaled_copy(model: nn.Module, target: str, factor: Tensor) -> nn.Module:
+    """A copy of ``model`` with each masked neuron's scale times its ``factor`` (flat, in module order); nothing
+    else changes (BN statistics included)."""
+    scaled = copy.deepcopy(model)
     offset = 0
     for _, module, channels, tensors in neuron_modules(scaled, target, set(getattr(scaled, "mask_exclude", ()))):
         for t in tensors:
@@ -184,7 +192,8 @@ def probe(victim_dir: str | Path, defenses: list[str], paths: Paths, budget: Cle
         "top_responders_per_layer": {names[int(l)]: int((layer_of[order[:64]] == l).sum()) for l in
                                      layer_of[order[:64]].unique()},
         "response": [round(float(s), 4) for s in score],  # per neuron, flattened in module order
-        "oracle": {str(s): {str(k): task.evaluate(scaled_copy(model, task.mask_target, order, k, s), attack)
+        "oracle": {str(s): {str(k): task.evaluate(scaled_copy(model, task.mask_target, top_k_factor(order, k, s)),
+                                                  attack)
                             for k in ORACLE_K} for s in ORACLE_SCALES},
         "defenses": {},
     }
@@ -217,8 +226,20 @@ def probe(victim_dir: str | Path, defenses: list[str], paths: Paths, budget: Cle
             "below_0.5": int((mask < 0.5).sum()), "neurons_pruned": record["defense_info"].get("neurons_pruned"),
             "spearman_response_vs_1_minus_mask": round(spearman(score, 1 - mask), 4),
             "top_k": top, "masks": [round(float(m), 4) for m in mask],
+            "masks_on_victim": task.evaluate(scaled_copy(model, task.mask_target, mask), attack),
             "clean_gradient_after": {str(k): gradient_summary(after_grads, order, k) for k in ORACLE_K},
         }
+    return report
+
+
+def complete(report: dict[str, Any], paths: Paths) -> dict[str, Any]:
+    """Add ``masks_on_victim`` to each defence of a report written before the probe measured it, from the report's
+    stored masks and its victim (``<runs>/victims/<id>``)."""
+    task, attack, model, _ = load_victim(Path(paths.runs_dir) / "victims" / report["victim"], paths)
+    for d in report["defenses"].values():
+        if "masks_on_victim" not in d:
+            factor = torch.tensor(d["masks"])
+            d["masks_on_victim"] = task.evaluate(scaled_copy(model, task.mask_target, factor), attack)
     return report
 
 
@@ -236,13 +257,14 @@ def markdown(reports: list[dict[str, Any]], k: int = 16) -> str:
             lines.append(f"| {r['attack']} | {pct(r['before'])} | {scale} | "
                          + " | ".join(pct(by_k[n]) for n in ks) + " |")
     lines += ["", f"| attack | defence | after | masks < 0.5 | top-{k} responders: mean mask (rest) | top-{k} < 0.5 "
-              "| Spearman (response, 1 - mask) |", "|---|---|---|---|---|---|---|"]
+              "| Spearman (response, 1 - mask) | its masks alone on the victim |", "|---|---|---|---|---|---|---|---|"]
     for r in reports:
         for spec, d in r["defenses"].items():
             t, rho = d["top_k"][str(k)], d.get("spearman_response_vs_1_minus_mask")
             lines.append(f"| {r['attack']} | {spec} | {pct(d['after'])} | {d['below_0.5']} | "
                          f"{t['mean_mask_top']:.3f} ({t['mean_mask_rest']:.3f}) | {t['top_below_0.5']} | "
-                         + ("-" if rho is None else f"{rho:.2f}") + " |")
+                         + ("-" if rho is None else f"{rho:.2f}") + " | "
+                         + (pct(d["masks_on_victim"]) if "masks_on_victim" in d else "-") + " |")
     with_grads = [r for r in reports if "clean_gradient" in r]
     if with_grads:
         lines += ["", f"| attack | clean loss, at | top-{k}: mean gradient (mean abs.) | rest: mean gradient "
@@ -264,6 +286,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("victim", nargs="?", help="a victim directory (victim.json + model.safetensors)")
     ap.add_argument("--table", nargs="+", type=Path, metavar="REPORT",
                     help="instead of probing: print the markdown tables of these report JSONs")
+    ap.add_argument("--complete", nargs="+", type=Path, metavar="REPORT",
+                    help="instead of probing: add each defence's masks alone on the victim to these reports")
     ap.add_argument("--defenses", default="nft", help="comma-separated; options in brackets: nft[mixup=False]")
     ap.add_argument("--val-frac", type=float, default=None, help="clean fraction the defences get (default 0.01)")
     ap.add_argument("--per-class", type=int, default=None, help="or clean images per class")
@@ -278,12 +302,16 @@ def main(argv: list[str] | None = None) -> None:
     if args.table:
         print(markdown([json.loads(p.read_text()) for p in args.table]))
         return
+    paths = Paths(runs_dir=args.runs_dir, data_root=args.data_root, device=args.device)
+    if args.complete:
+        for p in args.complete:
+            atomic_write_text(p, json.dumps(complete(json.loads(p.read_text()), paths), indent=1) + "\n")
+        return
     if args.victim is None:
-        ap.error("give a victim directory (or --table REPORT...)")
+        ap.error("give a victim directory (or --table / --complete REPORT...)")
     specs = [s.strip() for s in split_outside_brackets(args.defenses) if s.strip()]
     for s in specs:
         parse_defense(s)  # a bad spec fails before any work
-    paths = Paths(runs_dir=args.runs_dir, data_root=args.data_root, device=args.device)
     report = probe(args.victim, specs, paths, budget_of(args), args.seed, args.images, args.gradient_batches)
     text = json.dumps(report, indent=1)
     if args.out is None:

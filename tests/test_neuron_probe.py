@@ -7,6 +7,7 @@ import torch
 
 from benchmarks.neuron_probe import (
     clean_gradients,
+    complete,
     markdown,
     masked_tensors,
     parse_defense,
@@ -14,6 +15,7 @@ from benchmarks.neuron_probe import (
     ranks,
     scaled_copy,
     spearman,
+    top_k_factor,
 )
 from benchmarks.run import Paths
 from defenses.masking import neuron_modules
@@ -41,7 +43,8 @@ def test_scaled_copy_scales_exactly_the_first_k(badnets_victim, digits_task):
     before = torch.cat([w for _, w in masked_tensors(model, target)])
     order = torch.randperm(len(before), generator=torch.Generator().manual_seed(0))
     for scale in (0.0, 0.25):
-        after = torch.cat([w for _, w in masked_tensors(scaled_copy(model, target, order, 5, scale), target)])
+        scaled = scaled_copy(model, target, top_k_factor(order, 5, scale))
+        after = torch.cat([w for _, w in masked_tensors(scaled, target)])
         changed = torch.nonzero(after != before).flatten()
         assert sorted(changed.tolist()) == sorted(order[:5].tolist())
         assert torch.allclose(after[changed], scale * before[changed])
@@ -66,9 +69,15 @@ def test_probe_reads_each_defences_masks_back(trained_badnets_victim, runs_dir, 
     assert set(cg["per_neuron"]) == {"mixup", "plain"}
     assert all(len(v) == report["neurons"] for g in cg["per_neuron"].values() for v in g.values())
     assert set(nft["clean_gradient_after"]["16"]) == {"mixup", "plain"}
+    # ANP's masks are its whole change (pruning, BN statistics untouched): alone on the victim they give its result
+    assert anp["masks_on_victim"] == pytest.approx(anp["after"], abs=1e-9)
+    old = {**report, "defenses": {s: {k: v for k, v in d.items() if k != "masks_on_victim"}
+                                  for s, d in report["defenses"].items()}}
+    assert complete(old, Paths(runs_dir=runs_dir))["defenses"] == report["defenses"]
     table = markdown([report]).splitlines()
     assert table[2].startswith("| badnets | ") and len(table) == 2 + 3 + 1 + 2 + 2 + 1 + 2 + 2 * 3
     assert table[8].startswith("| badnets | anp[iterations=40] | ") and f"| {anp['below_0.5']} |" in table[8]
+    assert table[8].endswith(f"{100 * anp['after']['asr']:.1f} |")
     assert table[13].startswith("| badnets | mixup, victim | ") and table[14].startswith("| badnets | plain, victim | ")
     assert table[-1].startswith("| badnets | plain, after nft[steps=40] | ")
 
