@@ -116,11 +116,16 @@ def spearman(a: Tensor, b: Tensor) -> float:
     return float(torch.corrcoef(torch.stack([ra, rb]))[0, 1])
 
 
+def top_k(order: Tensor, k: int) -> Tensor:
+    """Per neuron (flat, in module order): True for the ``k`` first neurons of ``order``."""
+    sel = torch.zeros(len(order), dtype=torch.bool)
+    sel[order[:k]] = True
+    return sel
+
+
 def top_k_factor(order: Tensor, k: int, scale: float) -> Tensor:
     """Per neuron: ``scale`` for the ``k`` first neurons of ``order`` (flat indices), 1 for the rest."""
-    factor = torch.ones(len(order))
-    factor[order[:k]] = scale
-    return factor
+    return torch.where(top_k(order, k), scale, 1.0)
 
 
 @torch.no_grad()
@@ -167,8 +172,7 @@ def clean_gradients(task: Task, model: nn.Module, clean: Any, batches: int, batc
 
 def gradient_summary(grads: dict[str, dict[str, Tensor]], order: Tensor, k: int) -> dict[str, dict[str, float]]:
     """Mean signed and absolute mask gradient on the top-``k`` responders of ``order`` and on the rest."""
-    sel = torch.zeros(len(order), dtype=torch.bool)
-    sel[order[:k]] = True
+    sel = top_k(order, k)
     return {name: {f"{stat}_{part}": float(g[stat][mask].mean()) for stat in ("signed", "abs")
                    for part, mask in (("top", sel), ("rest", ~sel))} for name, g in grads.items()}
 
@@ -216,8 +220,7 @@ def probe(victim_dir: str | Path, defenses: list[str], paths: Paths, budget: Cle
         after_grads = clean_gradients(task, purified, clean, gradient_batches, NFTConfig.batch_size, seed)
         top = {}
         for k in ORACLE_K:
-            sel = torch.zeros(len(mask), dtype=torch.bool)
-            sel[order[:k]] = True
+            sel = top_k(order, k)
             top[str(k)] = {"mean_mask_top": round(float(mask[sel].mean()), 4),
                            "mean_mask_rest": round(float(mask[~sel].mean()), 4),
                            "top_below_0.5": int((mask[sel] < 0.5).sum())}
