@@ -297,9 +297,10 @@ class InputAware(GeneratorAttack):
         sched_g = torch.optim.lr_scheduler.MultiStepLR(opt_g, milestones)
         state = TrainingState(checkpoint, recipe["epochs"], model=model, nets=self.nets, optimizer=opt, schedule=sched,
                               optimizer_g=opt_g, schedule_g=sched_g, generator=g)
-        start, _ = state.start_epoch()
-        if start == 0:
+        start, saved = state.start_epoch()
+        if start == 0 and not saved.get("mask_trained"):
             self.train_mask(task, split, recipe, g)
+            state.save(0, mask_trained=True)  # the pre-training is 25% of the epochs again: a restart skips it
         self.nets["M"].eval().requires_grad_(False)
         self.nets["G"].train()
         bar = progress(recipe["epochs"] * steps, f"victim {self.name}", initial=start * steps)

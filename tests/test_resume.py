@@ -17,22 +17,31 @@ from training.victims import RESUME_STATE, get_victim
 
 
 class Killed(Exception):
-    """Stands for the SIGKILL of a preempted job: raised right after the first saved epoch."""
+    """Stands for the SIGKILL of a preempted job: raised right after a state is written."""
+
+
+class KillSwitch:
+    """While armed, the ``at``-th state a :meth:`TrainingState.save` writes (1: the first) raises :class:`Killed`."""
+
+    def __init__(self, monkeypatch):
+        self.monkeypatch, self.original, self.at, self.writes = monkeypatch, TrainingState.save, 1, 0
+        switch = self
+
+        def save(state, epochs_done, **extras):
+            switch.original(state, epochs_done, **extras)
+            switch.writes += state.checkpoint is not None
+            if state.checkpoint is not None and switch.writes == switch.at:
+                raise Killed(epochs_done)
+
+        monkeypatch.setattr(TrainingState, "save", save)
+
+    def disarm(self) -> None:
+        self.monkeypatch.setattr(TrainingState, "save", self.original)
 
 
 @pytest.fixture
-def kill_after_first_save(monkeypatch):
-    """While active, the first :meth:`TrainingState.epoch_done` that writes a state raises :class:`Killed`."""
-    original = TrainingState.epoch_done
-
-    def epoch_done(self, epoch, **extras):
-        had = self.checkpoint is not None and self.checkpoint.path.is_file()
-        original(self, epoch, **extras)
-        if self.checkpoint is not None and self.checkpoint.path.is_file() and not had:
-            raise Killed(epoch)
-
-    monkeypatch.setattr(TrainingState, "epoch_done", epoch_done)
-    return lambda: monkeypatch.setattr(TrainingState, "epoch_done", original)
+def kill(monkeypatch):
+    return KillSwitch(monkeypatch)
 
 
 def same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
@@ -66,16 +75,16 @@ def fast_digits(runs_dir):
     return task, task.attacker_train(None, 0)[0], recipe
 
 
-def test_the_recipe_resumes_bit_for_bit(fast_digits, tmp_path, kill_after_first_save):
+def test_the_recipe_resumes_bit_for_bit(fast_digits, tmp_path, kill):
     task, train, recipe = fast_digits
     straight = train_model(task, train, recipe, seed=0)
     at = EpochCheckpoint(tmp_path / "resume.safetensors", every_s=0)
     with pytest.raises(Killed):
         train_model(task, train, recipe, seed=0, checkpoint=at)
-    kill_after_first_save()
+    kill.disarm()
     again = EpochCheckpoint(at.path, every_s=0)
     resumed = train_model(task, train, recipe, seed=0, checkpoint=again)
-    assert again.resumed_epoch == 1 and again.prior_s > 0
+    assert again.resumed and again.resumed_epoch == 1 and again.prior_s > 0
     assert same_weights(straight, resumed)
 
 
@@ -91,10 +100,13 @@ def test_a_state_of_another_training_is_refused(fast_digits, tmp_path):
         train_model(task, train, recipe, seed=0, checkpoint=at)
 
 
-@pytest.mark.parametrize("name, params", [("input-aware", {}), ("lira", {"eps": 0.1}), ("cba", {}),
-                                          ("fba", {"style_steps": 2, "detox_epochs": 1})])
-def test_attacks_training_their_victim_resume_bit_for_bit(name, params, digits_task, tmp_path,
-                                                          kill_after_first_save):
+@pytest.mark.parametrize("name, params, killed_at, epochs_done", [
+    ("input-aware", {}, 1, 0), ("input-aware", {}, 2, 1), ("lira", {"eps": 0.1}, 1, 1), ("cba", {}, 1, 1),
+    ("fba", {"style_steps": 2, "detox_epochs": 1}, 1, 1)])
+def test_attacks_training_their_victim_resume_bit_for_bit(name, params, killed_at, epochs_done, digits_task,
+                                                          tmp_path, kill):
+    """The run is killed after its ``killed_at``-th saved state, which holds ``epochs_done`` epochs (Input-aware
+    saves one after its mask pre-training, before the first epoch, and one per epoch after that)."""
     recipe = {**digits_task.recipe(), "epochs": 3}
     attack = create_attack(name, **params)
     digits_task.check_attack(attack)
@@ -102,26 +114,28 @@ def test_attacks_training_their_victim_resume_bit_for_bit(name, params, digits_t
     straight = attack.train_victim(digits_task, train, recipe, 0)
     trigger = {k: v.clone() for k, v in attack.artifacts().items()}
     at = EpochCheckpoint(tmp_path / "resume.safetensors", every_s=0)
-    with pytest.raises(Killed):
+    kill.at = killed_at
+    with pytest.raises(Killed) as killed:
         create_attack(name, **params).train_victim(digits_task, train, recipe, 0, at)
-    kill_after_first_save()
+    kill.disarm()
     again = create_attack(name, **params)
     digits_task.check_attack(again)
-    resumed = again.train_victim(digits_task, train, recipe, 0, EpochCheckpoint(at.path, every_s=0))
+    restart = EpochCheckpoint(at.path, every_s=0)
+    resumed = again.train_victim(digits_task, train, recipe, 0, restart)
+    assert killed.value.args[0] == epochs_done and restart.resumed and restart.resumed_epoch == epochs_done
     assert same_weights(straight, resumed)
     assert trigger.keys() == again.artifacts().keys()
     assert all(torch.equal(v, again.artifacts()[k]) for k, v in trigger.items())
     assert json.dumps(attack.victim_info(), default=str) == json.dumps(again.victim_info(), default=str)
 
 
-def test_get_victim_resumes_and_clears_its_state(digits_task, digits_victim, tmp_path, monkeypatch,
-                                                 kill_after_first_save):
+def test_get_victim_resumes_and_clears_its_state(digits_task, digits_victim, tmp_path, monkeypatch, kill):
     monkeypatch.setattr(resume, "SAVE_EVERY_S", 0.0)
     attack = create_attack("badnets", seed=0)
     with pytest.raises(Killed):
         get_victim(digits_task, attack, 0, tmp_path)
     (state,) = (tmp_path / "victims").glob(f"*/{RESUME_STATE}")
-    kill_after_first_save()
+    kill.disarm()
     model, meta, d = get_victim(digits_task, attack, 0, tmp_path)
     assert d == state.parent and not state.exists()
     assert meta["resumed_at_epoch"] == 1 and meta["train_time_s"] > 0

@@ -24,12 +24,15 @@ SAVE_EVERY_S = 60.0
 class EpochCheckpoint:
     """Where a training saves its resume state (``path``), at most how often (``every_s``, default
     :data:`SAVE_EVERY_S`; 0: every epoch), and,
-    once the loop has looked, what it resumed: ``resumed_epoch`` (epochs already done, 0 for a fresh start) and
-    ``prior_s`` (training seconds spent before the restart, so the victim's ``train_time_s`` counts them)."""
+    once the loop has looked, what it resumed: ``resumed`` (whether a state was restored), ``resumed_epoch`` (epochs
+    already done; 0 for a fresh start, or for a state saved after a phase that comes before the first epoch, such as
+    Input-aware's mask pre-training) and ``prior_s`` (training seconds spent before the restart, so the victim's
+    ``train_time_s`` counts them)."""
 
     def __init__(self, path: str | Path, every_s: float | None = None):
         self.path = Path(path)
         self.every_s = SAVE_EVERY_S if every_s is None else every_s
+        self.resumed = False
         self.resumed_epoch = 0
         self.prior_s = 0.0
 
@@ -45,6 +48,8 @@ class TrainingState:
 
     A loop calls :meth:`start_epoch` once, after building every part, and :meth:`epoch_done` at the end of each
     epoch; ``extras`` (JSON-able values or tensors the loop keeps across epochs) come back from :meth:`start_epoch`.
+    A loop with a long phase before its first epoch calls :meth:`save` after it (``epochs_done=0``) with an extra
+    that tells it, on restart, to skip the phase.
     """
 
     def __init__(self, checkpoint: EpochCheckpoint | None, epochs: int, **parts: Any):
@@ -72,21 +77,27 @@ class TrainingState:
         except (KeyError, RuntimeError, ValueError) as e:
             raise CheckpointError(f"{c.path} does not fit this training ({type(e).__name__}: {e}); the code or "
                                   "the model changed since it was saved: delete it to train from the start") from e
-        c.resumed_epoch, c.prior_s = int(meta["epochs_done"]), float(meta["elapsed_s"])
+        c.resumed, c.resumed_epoch, c.prior_s = True, int(meta["epochs_done"]), float(meta["elapsed_s"])
         return c.resumed_epoch, tree["extras"]
 
     def epoch_done(self, epoch: int, **extras: Any) -> None:
         """Save the state after ``epoch`` (0-based) when a save is due; never after the last epoch (the finished
         model is saved by the caller)."""
-        c, now = self.checkpoint, time.monotonic()
-        if c is None or epoch + 1 >= self.epochs or now - self.last_save < c.every_s:
+        c = self.checkpoint
+        if c is not None and epoch + 1 < self.epochs and time.monotonic() - self.last_save >= c.every_s:
+            self.save(epoch + 1, **extras)
+
+    def save(self, epochs_done: int, **extras: Any) -> None:
+        """Save the state now, as of ``epochs_done`` finished epochs (nothing without a checkpoint)."""
+        c = self.checkpoint
+        if c is None:
             return
         tree = {"parts": {name: part.get_state() if isinstance(part, torch.Generator) else part.state_dict()
                           for name, part in self.parts.items()},
                 "rng": {"cpu": torch.get_rng_state(),
                         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
                 "extras": extras}
-        elapsed = c.prior_s + now - self.started
+        elapsed = c.prior_s + time.monotonic() - self.started
         save_state_tree(c.path, tree, {"format": RESUME_FORMAT, "epochs": str(self.epochs),
-                                       "epochs_done": str(epoch + 1), "elapsed_s": f"{elapsed:.3f}"})
+                                       "epochs_done": str(epochs_done), "elapsed_s": f"{elapsed:.3f}"})
         self.last_save = time.monotonic()

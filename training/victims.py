@@ -119,7 +119,7 @@ def _train_victim(task: Task, attack: Attack | None, seed: int, config: dict[str
         "load_avg_at_end": [round(v, 2) for v in os.getloadavg()] if hasattr(os, "getloadavg") else None,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    if resume and resume.resumed_epoch:
+    if resume and resume.resumed:
         meta["resumed_at_epoch"] = resume.resumed_epoch  # train_time_s adds the seconds trained before the restart
     info = attack.victim_info() if attack is not None else {}
     if info:
