@@ -143,6 +143,11 @@ def scaled_copy(model: nn.Module, target: str, factor: Tensor) -> nn.Module:
     return scaled
 
 
+def scaled_result(task: Task, model: nn.Module, attack: Attack, factor: Tensor) -> dict[str, float]:
+    """The task's metrics for ``model`` with each masked neuron's scale times its ``factor`` (:func:`scaled_copy`)."""
+    return task.evaluate(scaled_copy(model, task.mask_target, factor), attack)
+
+
 def clean_gradients(task: Task, model: nn.Module, clean: Any, batches: int, batch_size: int, seed: int
                     ) -> dict[str, dict[str, Tensor]]:
     """Per masked neuron, the mean signed and mean absolute gradient of the clean loss with respect to its mask at 1,
@@ -196,9 +201,8 @@ def probe(victim_dir: str | Path, defenses: list[str], paths: Paths, budget: Cle
         "top_responders_per_layer": {names[int(l)]: int((layer_of[order[:64]] == l).sum()) for l in
                                      layer_of[order[:64]].unique()},
         "response": [round(float(s), 4) for s in score],  # per neuron, flattened in module order
-        "oracle": {str(s): {str(k): task.evaluate(scaled_copy(model, task.mask_target, top_k_factor(order, k, s)),
-                                                  attack)
-                            for k in ORACLE_K} for s in ORACLE_SCALES},
+        "oracle": {str(s): {str(k): scaled_result(task, model, attack, top_k_factor(order, k, s)) for k in ORACLE_K}
+                   for s in ORACLE_SCALES},
         "defenses": {},
     }
     clean = task.clean_split(budget, seed)
@@ -229,7 +233,7 @@ def probe(victim_dir: str | Path, defenses: list[str], paths: Paths, budget: Cle
             "below_0.5": int((mask < 0.5).sum()), "neurons_pruned": record["defense_info"].get("neurons_pruned"),
             "spearman_response_vs_1_minus_mask": round(spearman(score, 1 - mask), 4),
             "top_k": top, "masks": [round(float(m), 4) for m in mask],
-            "masks_on_victim": task.evaluate(scaled_copy(model, task.mask_target, mask), attack),
+            "masks_on_victim": scaled_result(task, model, attack, mask),
             "clean_gradient_after": {str(k): gradient_summary(after_grads, order, k) for k in ORACLE_K},
         }
     return report
@@ -241,8 +245,7 @@ def complete(report: dict[str, Any], paths: Paths) -> dict[str, Any]:
     task, attack, model, _ = load_victim(Path(paths.runs_dir) / "victims" / report["victim"], paths)
     for d in report["defenses"].values():
         if "masks_on_victim" not in d:
-            factor = torch.tensor(d["masks"])
-            d["masks_on_victim"] = task.evaluate(scaled_copy(model, task.mask_target, factor), attack)
+            d["masks_on_victim"] = scaled_result(task, model, attack, torch.tensor(d["masks"]))
     return report
 
 

@@ -29,8 +29,10 @@ class KillSwitch:
 
         def save(state, epochs_done, **extras):
             switch.original(state, epochs_done, **extras)
-            switch.writes += state.checkpoint is not None
-            if state.checkpoint is not None and switch.writes == switch.at:
+            if state.checkpoint is None:  # nothing was written
+                return
+            switch.writes += 1
+            if switch.writes == switch.at:
                 raise Killed(epochs_done)
 
         monkeypatch.setattr(TrainingState, "save", save)
