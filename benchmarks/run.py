@@ -156,6 +156,7 @@ def load_victim(victim_dir: str | os.PathLike, paths: Paths) -> tuple[Task, Atta
         raise CheckpointError(f"the dataset found now (fingerprint {task.config()['data_fingerprint']}) is not the one "
                               f"this victim was trained on ({fingerprint}); point --data-root at that copy")
     model = load_checkpoint(d / "model.safetensors", task.build_model()).eval()
+    task.check_attack(attack)  # builds what the trigger needs (Input-aware's networks) before its weights load
     load_attack_artifacts(attack, d)
     return task, attack, model, meta
 

@@ -11,6 +11,7 @@ from conftest import DIGITS_ACC_ALLOWANCE, asr_floor
 import attacks.image_generative as gen
 import attacks.image_stego as stego
 from attacks import create_attack
+from benchmarks.run import Paths, load_victim
 from tasks.image_classification import to_float, to_uint8
 from training.victims import get_victim
 
@@ -160,6 +161,15 @@ def test_cached_victim_restores_the_trigger_in_a_fresh_attack(victim, digits_tas
     assert digits_task.evaluate(model, fresh)["asr"] == meta["metrics"]["asr"]
     x = to_float(digits_task.test.x[:64])
     assert torch.equal(fresh.apply(x), attack.apply(x))
+
+
+def test_victim_directory_reloads_with_its_trigger(victim, digits_task, runs_dir):
+    """What `nftbench purify --victim DIR` and the probes do: task, attack and trigger rebuilt from the directory."""
+    attack, _, meta = victim
+    task, loaded, model, _ = load_victim(runs_dir / "victims" / meta["victim_id"], Paths(runs_dir, device="cpu"))
+    assert task.evaluate(model, loaded)["asr"] == meta["metrics"]["asr"]
+    x = to_float(digits_task.test.x[:64])
+    assert torch.equal(loaded.apply(x), attack.apply(x))
 
 
 def test_trained_trigger_is_sample_specific_and_within_budget(victim, digits_task):
