@@ -2,8 +2,9 @@
 
 Reads every ``victims/<id>/victim.json`` whose task matches ``--dataset`` and ``--scale`` (and ``--model`` when
 given) and writes one row per victim: attack, seed, clean accuracy, ASR, RA, training time, images/s, torch threads,
-precision and the machine's load when training ended. Issue 20 commits it beside the fast grid's results, so the
-benign accuracy over seeds and the minutes per victim are read from the models themselves.
+precision, the machine's load when training ended and the fingerprint of the data it was trained on (a re-encoded
+copy of a dataset, as in the JPEG recipe experiments, has its own). Issue 20 commits it beside the fast grid's
+results, so the benign accuracy over seeds and the minutes per victim are read from the models themselves.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from benchmarks.records import params_label
 from common.hashing import config_hash
 
 COLUMNS = ["victim_id", "model", "attack", "seed", "clean_acc", "asr", "ra", "train_min", "images_per_s",
-           "torch_threads", "precision", "load_avg_at_end", "epochs", "recipe_id", "device", "created"]
+           "torch_threads", "precision", "load_avg_at_end", "epochs", "recipe_id", "data_fingerprint", "device",
+           "created"]
 
 
 def current_recipe(dataset: str, scale: str) -> dict[str, Any]:
@@ -48,7 +50,7 @@ def victim_rows(runs_dir: str | Path, dataset: str, scale: str, model: str | Non
             "train_min": round(meta["train_time_s"] / 60, 1), "images_per_s": round(meta["train_images_per_s"], 1),
             "torch_threads": meta.get("torch_threads"), "precision": meta.get("precision"),
             "load_avg_at_end": meta.get("load_avg_at_end"), "epochs": meta["config"]["recipe"]["epochs"],
-            "recipe_id": config_hash(meta["config"]["recipe"])[:8],
+            "recipe_id": config_hash(meta["config"]["recipe"])[:8], "data_fingerprint": task.get("data_fingerprint"),
             "device": meta.get("device"), "created": meta.get("created"),
         })
     return sorted(rows, key=lambda r: (r["attack"] != "none", r["attack"], r["seed"]))

@@ -172,7 +172,8 @@ def test_victim_table_reads_victims_of_the_registered_recipe(tmp_path, capsys):
     def victim(vid, attack, seed, recipe, scale="fast"):
         d = tmp_path / "victims" / vid
         d.mkdir(parents=True)
-        meta = {"victim_id": vid, "config": {"task": {"dataset": "cifar10", "scale": scale, "model": "airbench"},
+        task = {"dataset": "cifar10", "scale": scale, "model": "airbench", "data_fingerprint": f"fp-{vid}"}
+        meta = {"victim_id": vid, "config": {"task": task,
                                              "attack": attack, "seed": seed, "recipe": recipe},
                 "metrics": {"clean_acc": 0.93, "asr": None if attack is None else 0.99, "ra": None},
                 "train_time_s": 1800.0, "train_images_per_s": 480.0, "torch_threads": 2, "precision": "bf16"}
@@ -186,5 +187,6 @@ def test_victim_table_reads_victims_of_the_registered_recipe(tmp_path, capsys):
     main(["--runs-dir", str(tmp_path), "--out", str(tmp_path / "v.csv")])
     table = pd.read_csv(tmp_path / "v.csv")
     assert table["victim_id"].tolist() == ["a1", "b2"] and table["train_min"].tolist() == [30.0, 30.0]
+    assert table["data_fingerprint"].tolist() == ["fp-a1", "fp-b2"]
     main(["--runs-dir", str(tmp_path), "--all-recipes", "--out", str(tmp_path / "all.csv")])
     assert sorted(pd.read_csv(tmp_path / "all.csv")["victim_id"]) == ["a1", "b2", "c3"]
