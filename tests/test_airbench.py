@@ -173,8 +173,7 @@ def test_victim_table_reads_victims_of_the_registered_recipe(tmp_path, capsys):
         d = tmp_path / "victims" / vid
         d.mkdir(parents=True)
         task = {"dataset": "cifar10", "scale": scale, "model": "airbench", "data_fingerprint": f"fp-{vid}"}
-        meta = {"victim_id": vid, "config": {"task": task,
-                                             "attack": attack, "seed": seed, "recipe": recipe},
+        meta = {"victim_id": vid, "config": {"task": task, "attack": attack, "seed": seed, "recipe": recipe},
                 "metrics": {"clean_acc": 0.93, "asr": None if attack is None else 0.99, "ra": None},
                 "train_time_s": 1800.0, "train_images_per_s": 480.0, "torch_threads": 2, "precision": "bf16"}
         (d / "victim.json").write_text(json.dumps(meta))
